@@ -1,0 +1,88 @@
+"""KV caches as modules: full-attention buffers and rolling buffers for sliding windows.
+
+Every buffer stores, next to K and V, the absolute position held in each slot (-1 = empty).
+The attention mask is built from those positions, so one rule serves full layers, rolling
+sliding-window layers, sequences of different lengths in one batch and (later) rollback:
+
+    a query at position q may see the key in slot s  iff  0 <= pos[s] <= q  and  q - pos[s] < W
+
+Rolling buffer index math (slot = position mod S, S = W + slack):
+    A sliding layer with window W = 4 only ever needs the last 4 keys, but a chunk of up to C
+    new tokens is written *before* attention reads the buffer, so the buffer holds S = W + C
+    slots. With W = 4, C = 2 (S = 6), after 9 tokens (positions 0..8) the slots hold
+
+        slot:      0  1  2  3  4  5
+        position:  6  7  8  3  4  5        (position p lives in slot p % 6)
+
+    Writing a chunk of positions 9, 10 overwrites slots 3 and 4 (positions 3 and 4). Query 9
+    needs keys 6..9 and query 10 needs 7..10: all still present (slots 0, 1, 2, 3, 4), while
+    position 5 is masked out by the window. A chunk longer than C would overwrite keys its own
+    first queries need, so prefill is chunked to at most C tokens (see generate.py).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .config import ModelConfig
+
+
+class KVBuffer(nn.Module):
+    """K/V storage for one layer: (B, n_kv, S, hd), plus the position held by each slot."""
+
+    def __init__(self, batch: int, n_kv: int, size: int, head_dim: int, window: int | None,
+                 dtype: torch.dtype, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.size, self.window = size, window
+        self.register_buffer("k", torch.zeros(batch, n_kv, size, head_dim, dtype=dtype, device=device),
+                             persistent=False)
+        self.register_buffer("v", torch.zeros(batch, n_kv, size, head_dim, dtype=dtype, device=device),
+                             persistent=False)
+        self.register_buffer("pos", torch.full((batch, size), -1, dtype=torch.long, device=device),
+                             persistent=False)
+
+    def write(self, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store new keys/values. positions: (B, T); k, v: (B, n_kv, T, hd)."""
+        slots = positions % self.size  # (B, T); identity for full buffers (positions < size)
+        idx = slots[:, None, :, None].expand_as(k)  # (B, n_kv, T, hd)
+        self.k.scatter_(2, idx, k)
+        self.v.scatter_(2, idx, v)
+        self.pos.scatter_(1, slots, positions)
+
+    def view(self, kv_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The slots worth reading when positions < kv_len: (k, v, slot positions (B, S'))."""
+        n = min(kv_len, self.size)
+        return self.k[:, :, :n], self.v[:, :, :n], self.pos[:, :n]
+
+
+def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
+    """Boolean mask (B, 1, T, S), True where query may attend. q_pos: (B, T); k_pos: (B, S)."""
+    q = q_pos[:, :, None]  # (B, T, 1)
+    k = k_pos[:, None, :]  # (B, 1, S)
+    ok = (k >= 0) & (k <= q)
+    if window is not None:
+        ok &= (q - k) < window  # a token sees itself and the W-1 before it
+    return ok[:, None]
+
+
+class ModelCache(nn.Module):
+    """All layers' KV buffers for a batch of `batch` sequences of up to `max_len` positions.
+
+    Sliding-window layers get rolling buffers of W + `chunk` slots (never more than max_len);
+    full-attention layers get max_len slots. `kv_len` (one past the largest position written so
+    far, a Python int kept by the caller) bounds how much of each buffer attention reads.
+    """
+
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, chunk: int,
+                 dtype: torch.dtype, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.max_len, self.chunk = max_len, chunk
+        self.layers = nn.ModuleList()
+        for w in cfg.layer_windows:
+            size = max_len if w is None else min(max_len, w + chunk)
+            self.layers.append(KVBuffer(batch, cfg.n_kv_heads, size, cfg.head_dim, w, dtype, device))
+        self.kv_len = 0
+
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers())

@@ -1,0 +1,140 @@
+"""The `leanlm` command: thin subcommands over the Python API."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+
+from .errors import LeanLMError
+
+
+def _add_model(p: argparse.ArgumentParser, optional: bool = False) -> None:
+    from .hub import DEFAULT_MODEL
+
+    help_ = "registry name, .gguf file or checkpoint folder"
+    if optional:
+        p.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"{help_} (default {DEFAULT_MODEL})")
+    else:
+        p.add_argument("model", help=help_)
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="compute dtype; float32 is the exact reference path")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+
+
+def _add_sampling(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=40, help="0 = off")
+    p.add_argument("--top-p", type=float, default=0.95, help="1 = off")
+    p.add_argument("--min-p", type=float, default=0.05, help="0 = off")
+    p.add_argument("--repeat-penalty", type=float, default=1.0, help="1 = off")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence")
+
+
+def _params(a: argparse.Namespace):  # noqa: ANN202
+    from .sampling import SamplingParams
+
+    return SamplingParams(max_tokens=a.max_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
+                          min_p=a.min_p, repeat_penalty=a.repeat_penalty, seed=a.seed, stop=tuple(a.stop),
+                          ignore_eos=a.ignore_eos)
+
+
+def _load(a: argparse.Namespace):  # noqa: ANN202
+    from .llm import load
+
+    return load(a.model, dtype=a.dtype, threads=a.threads)
+
+
+def cmd_pull(a: argparse.Namespace) -> None:
+    from .hub import pull
+
+    print(pull(a.name, force=a.force))
+
+
+def cmd_list(a: argparse.Namespace) -> None:
+    from .hub import list_cached
+
+    rows = list_cached()
+    if not rows:
+        print("no models cached (try: leanlm pull smollm2-135m)", file=sys.stderr)
+    for name, path, size in rows:
+        print(f"{name:<16} {size / 2**20:8.1f} MiB  {path}")
+
+
+def cmd_run(a: argparse.Namespace) -> None:
+    params = _params(a)
+    llm = _load(a)
+    pieces = llm.generate(a.prompt, params) if a.raw else llm.chat([{"role": "user", "content": a.prompt}], params)
+    for piece in pieces:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    s = llm.last_stats
+    print(f"[prompt {s.prompt_tokens} tok, {s.prefill_tps:.1f} tok/s | generated {s.gen_tokens} tok, "
+          f"{s.decode_tps:.1f} tok/s | {s.finish_reason}]", file=sys.stderr)
+
+
+def cmd_chat(a: argparse.Namespace) -> None:
+    from .repl import repl
+
+    repl(_load(a), _params(a), system=a.system)
+
+
+def cmd_tokenize(a: argparse.Namespace) -> None:
+    from .gguf_file import GGUFFile
+    from .hub import resolve_model
+    from .tokenizer import Tokenizer
+
+    tok = Tokenizer.from_gguf_metadata(GGUFFile(resolve_model(a.model)).metadata)
+    print(json.dumps(tok.encode(a.text, add_bos=False, special=a.special)))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="leanlm", description="A lean, fast LLM runtime.")
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("pull", help="download a registry model into the cache")
+    s.add_argument("name")
+    s.add_argument("--force", action="store_true", help="download again even if cached")
+    s.set_defaults(fn=cmd_pull)
+    sub.add_parser("list", help="show cached models").set_defaults(fn=cmd_list)
+    s = sub.add_parser("run", help="answer one prompt, streaming to stdout")
+    _add_model(s, optional=True)
+    s.add_argument("prompt", nargs="?", default="Write a haiku about a small fast language model.")
+    s.add_argument("--raw", action="store_true", help="no chat template: complete the prompt as text")
+    _add_sampling(s)
+    s.set_defaults(fn=cmd_run)
+    s = sub.add_parser("chat", help="interactive chat (/reset, /exit; Ctrl-C stops a reply)")
+    _add_model(s, optional=True)
+    s.add_argument("--system", default=None, help="system prompt")
+    _add_sampling(s)
+    s.set_defaults(fn=cmd_chat)
+    s = sub.add_parser("tokenize", help="print token ids as JSON (no BOS)")
+    s.add_argument("model")
+    s.add_argument("text")
+    s.add_argument("--special", action="store_true", help="parse special tokens in the text")
+    s.set_defaults(fn=cmd_tokenize)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    fn: Callable[[argparse.Namespace], None] = args.fn
+    try:
+        fn(args)
+    except LeanLMError as e:
+        print(f"leanlm: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,117 @@
+"""The Python API: `llm = leanlm.load(...)`, `llm.generate(prompt)`, `llm.chat(messages)`."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import LeanLMError, UnsupportedError
+from .generate import GenStats, generate_ids
+from .gguf_file import GGUFFile
+from .hub import DEFAULT_MODEL, resolve_model
+from .loaders.gguf import load_gguf_model
+from .model import Transformer
+from .sampling import SamplingParams, sample
+from .stops import StopStrings
+from .tokenizer import StreamDecoder, Tokenizer
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return torch.float32  # weights are dequantized for now; bf16 comes with quantized kernels
+    if dtype not in DTYPES:
+        raise LeanLMError(f"unknown dtype '{dtype}' (choose auto, {', '.join(DTYPES)})")
+    return DTYPES[dtype]
+
+
+class LLM:
+    """A loaded model with its tokenizer; generation methods stream text pieces."""
+
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, path: Path | None = None) -> None:
+        self.model, self.tokenizer, self.path = model, tokenizer, path
+        self.config = model.cfg
+        self.last_stats = GenStats()
+
+    # --- prompts -------------------------------------------------------------------------
+    def encode_prompt(self, prompt: str) -> list[int]:
+        """Token ids for a raw prompt: BOS as the file's metadata says, special tokens parsed."""
+        tok = self.tokenizer
+        ids = tok.encode(prompt, special=True)
+        if tok.add_bos and tok.bos_id is not None and len(ids) > 1 and ids[0] == ids[1] == tok.bos_id:
+            ids = ids[1:]  # the text already began with BOS: don't double it
+        return ids
+
+    def chat_prompt(self, messages: Sequence[dict[str, Any]]) -> list[int]:
+        return self.encode_prompt(self.tokenizer.apply_chat_template(list(messages)))
+
+    # --- generation ----------------------------------------------------------------------
+    def generate_from_ids(self, ids: Sequence[int], params: SamplingParams) -> Iterator[str]:
+        tok = self.tokenizer
+        gen = torch.Generator(device=self.model.tok_embeddings.weight.device)
+        if params.seed is not None:
+            gen.manual_seed(params.seed)
+        else:
+            gen.seed()
+        sampler = functools.partial(_sample, params=params, generator=gen)
+        stop_ids = frozenset() if params.ignore_eos else tok.eos_ids
+        self.last_stats = stats = GenStats()
+        detok, stops = StreamDecoder(tok), StopStrings(params.stop)
+        for tid in generate_ids(self.model, ids, sampler, params.max_tokens, stop_ids=stop_ids, stats=stats):
+            if tid in stop_ids:
+                stats.finish_reason = "stop"
+                break
+            out = stops.push(detok.push(tid))
+            if out:
+                yield out
+            if stops.stopped:
+                stats.finish_reason = "stop"
+                return
+        tail = stops.push(detok.flush())
+        if not stops.stopped:
+            tail += stops.flush()
+        if tail:
+            yield tail
+
+    def generate(self, prompt: str, params: SamplingParams | None = None, **kw: Any) -> Iterator[str]:
+        """Complete a raw prompt (no chat template). kw: any SamplingParams field."""
+        params = replace(params or SamplingParams(), **kw)
+        return self.generate_from_ids(self.encode_prompt(prompt), params)
+
+    def chat(self, messages: Sequence[dict[str, Any]], params: SamplingParams | None = None,
+             **kw: Any) -> Iterator[str]:
+        """Answer the last message of a conversation (the chat template is applied)."""
+        params = replace(params or SamplingParams(), **kw)
+        return self.generate_from_ids(self.chat_prompt(messages), params)
+
+    @torch.inference_mode()
+    def logits(self, ids: Sequence[int]) -> torch.Tensor:
+        """fp32 logits (T, V) of one forward pass over ids (no cache)."""
+        t = torch.tensor([list(ids)], device=self.model.tok_embeddings.weight.device)
+        return self.model(t, torch.arange(t.shape[1], device=t.device)[None])[0]
+
+
+def _sample(logits: torch.Tensor, history: torch.Tensor, *, params: SamplingParams,
+            generator: torch.Generator) -> torch.Tensor:
+    return sample(logits, params, history, generator)
+
+
+def load(model: str | Path = DEFAULT_MODEL, *, dtype: str | torch.dtype = "auto", threads: int | None = None,
+         device: str = "cpu", progress: bool = True) -> LLM:
+    """Load a registry name (pulled on first use), a .gguf file or a checkpoint folder."""
+    if threads:
+        torch.set_num_threads(threads)
+    path = resolve_model(str(model), progress=progress)
+    if path.is_dir():
+        raise UnsupportedError(f"{path} is a folder: checkpoint folders are not supported yet, give a .gguf file")
+    f = GGUFFile(path)
+    m = load_gguf_model(f, resolve_dtype(dtype), device)
+    return LLM(m, Tokenizer.from_gguf_metadata(f.metadata), path)

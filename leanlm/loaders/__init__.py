@@ -1,0 +1,1 @@
+"""Checkpoint loaders: config from the checkpoint's metadata, weights by a name map."""

@@ -1,0 +1,117 @@
+"""Load a GGUF file: ModelConfig from its metadata, weights through the GGUF name map."""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any
+
+import torch
+
+from ..config import ModelConfig
+from ..errors import UnsupportedError
+from ..gguf_file import GGUFFile
+from ..model import Transformer
+from ..quant.dequant import dequantize
+
+SUPPORTED_ARCHS = ("llama", "gemma3")
+
+# GGUF tensor name -> our parameter name ({i} = layer index). Data, not code.
+GGUF_NAMES: dict[str, str] = {
+    "token_embd.weight": "tok_embeddings.weight",
+    "output_norm.weight": "norm.weight",
+    "output.weight": "output.weight",
+    "blk.{i}.attn_norm.weight": "layers.{i}.attn_norm.weight",
+    "blk.{i}.attn_q.weight": "layers.{i}.attn.wq.weight",
+    "blk.{i}.attn_k.weight": "layers.{i}.attn.wk.weight",
+    "blk.{i}.attn_v.weight": "layers.{i}.attn.wv.weight",
+    "blk.{i}.attn_q.bias": "layers.{i}.attn.wq.bias",
+    "blk.{i}.attn_k.bias": "layers.{i}.attn.wk.bias",
+    "blk.{i}.attn_v.bias": "layers.{i}.attn.wv.bias",
+    "blk.{i}.attn_output.weight": "layers.{i}.attn.wo.weight",
+    "blk.{i}.attn_q_norm.weight": "layers.{i}.attn.q_norm.weight",
+    "blk.{i}.attn_k_norm.weight": "layers.{i}.attn.k_norm.weight",
+    "blk.{i}.post_attention_norm.weight": "layers.{i}.post_attn_norm.weight",
+    "blk.{i}.ffn_norm.weight": "layers.{i}.ffn_norm.weight",
+    "blk.{i}.post_ffw_norm.weight": "layers.{i}.post_ffn_norm.weight",
+    "blk.{i}.ffn_gate.weight": "layers.{i}.ffn.w1.weight",
+    "blk.{i}.ffn_up.weight": "layers.{i}.ffn.w3.weight",
+    "blk.{i}.ffn_down.weight": "layers.{i}.ffn.w2.weight",
+}
+_PATTERNS = [(re.compile("^" + re.escape(k).replace(r"\{i\}", r"(\d+)") + "$"), v) for k, v in GGUF_NAMES.items()]
+IGNORED = ("rope_freqs.weight",)
+
+
+def map_name(gguf_name: str) -> str | None:
+    for pat, target in _PATTERNS:
+        m = pat.match(gguf_name)
+        if m:
+            return target.format(i=m.group(1)) if m.groups() else target
+    return None
+
+
+def config_from_gguf(f: GGUFFile) -> ModelConfig:
+    md: dict[str, Any] = f.metadata
+    arch = f.architecture
+    if arch not in SUPPORTED_ARCHS:
+        raise UnsupportedError(f"architecture '{arch}' is not supported yet (supported: {', '.join(SUPPORTED_ARCHS)})")
+
+    def get(key: str, default: Any = None) -> Any:
+        return md.get(f"{arch}.{key}", default)
+
+    dim, n_heads = int(get("embedding_length")), int(get("attention.head_count"))
+    n_layers = int(get("block_count"))
+    head_dim = int(get("attention.key_length", dim // n_heads))
+    vocab = int(get("vocab_size", len(md.get("tokenizer.ggml.tokens", []))))
+    common: dict[str, Any] = dict(
+        arch=arch, vocab_size=vocab, dim=dim, n_layers=n_layers, n_heads=n_heads,
+        n_kv_heads=int(get("attention.head_count_kv", n_heads)), head_dim=head_dim,
+        hidden_dim=int(get("feed_forward_length")),
+        norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
+        context_length=int(get("context_length", 4096)),
+        rope_base=float(get("rope.freq_base", 10000.0)),
+        rope_dim=int(get("rope.dimension_count", head_dim)),
+        tie_embeddings="output.weight" not in f.tensors,
+    )
+    if get("rope.scaling.type", "none") == "linear":
+        common["rope_scale"] = float(get("rope.scaling.factor", 1.0))
+    if arch == "llama":
+        # llama.cpp's converter permutes q/k rows so rotation pairs are adjacent
+        return ModelConfig(**common, rope_interleaved=True)
+    # gemma3: every 6th layer is global, the others slide over `sliding_window` tokens
+    window = int(get("attention.sliding_window", 512))
+    windows = tuple(None if (i + 1) % 6 == 0 else window for i in range(n_layers))
+    return ModelConfig(
+        **common, layer_windows=windows, rope_local_base=10000.0, act="gelu_tanh",
+        qk_norm=True, post_norms=True, embed_scale=math.sqrt(dim),
+        attn_scale=head_dim**-0.5,
+    )
+
+
+def load_gguf_model(f: GGUFFile, dtype: torch.dtype, device: str | torch.device = "cpu") -> Transformer:
+    """Build the model on the meta device, then assign each weight (dequantized) in place."""
+    cfg = config_from_gguf(f)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    expected = dict(model.state_dict())
+    state: dict[str, torch.Tensor] = {}
+    for name in f.tensors:
+        if name in IGNORED:
+            continue
+        ours = map_name(name)
+        if ours is None or ours not in expected:
+            raise UnsupportedError(f"unexpected tensor '{name}' for architecture {cfg.arch}")
+        t = dequantize(f, name, dtype)
+        if tuple(t.shape) != tuple(expected[ours].shape):
+            want = tuple(expected[ours].shape)
+            raise UnsupportedError(f"tensor '{name}' has shape {tuple(t.shape)}, expected {want}")
+        state[ours] = t.to(device)
+    if cfg.tie_embeddings:
+        state["output.weight"] = state["tok_embeddings.weight"]
+    missing = set(expected) - set(state)
+    if missing:
+        raise UnsupportedError(f"GGUF file lacks tensors: {', '.join(sorted(missing)[:5])}")
+    model.load_state_dict(state, assign=True, strict=True)
+    if cfg.tie_embeddings:
+        model.output.weight = model.tok_embeddings.weight
+    return model.eval()

@@ -1,0 +1,176 @@
+"""The one transformer family. Llama, Gemma 3 and their relatives differ only by ModelConfig fields.
+
+Shapes: B batch, T new tokens, S cached slots, H query heads, KV key/value heads, hd head dim.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .cache import KVBuffer, ModelCache, attention_mask
+from .config import ModelConfig
+from .moe import MoE
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, add_one: bool = False) -> None:
+        super().__init__()
+        self.eps, self.add_one = eps, add_one
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        w = self.weight.float() + 1.0 if self.add_one else self.weight.float()
+        return (xf * w).to(x.dtype)
+
+
+def rope_tables(positions: torch.Tensor, rot_dim: int, base: float, scale: float = 1.0,
+                dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape (B, T, 1, rot_dim // 2) for positions (B, T)."""
+    inv_freq = 1.0 / base ** (torch.arange(0, rot_dim, 2, device=positions.device).float() / rot_dim)
+    angles = (positions.float() / scale)[..., None] * inv_freq  # (B, T, rot_dim/2)
+    return angles.cos().to(dtype)[:, :, None], angles.sin().to(dtype)[:, :, None]
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """Rotate the first 2*cos.shape[-1] dims of x (B, T, heads, hd).
+
+    interleaved: pairs are (x0, x1), (x2, x3), ... (GGUF llama order);
+    otherwise pairs are (x_i, x_{i+d/2}) over the rotary dims (NeoX / Hugging Face order).
+    """
+    rd = 2 * cos.shape[-1]
+    xr, xpass = x[..., :rd], x[..., rd:]
+    if interleaved:
+        x1, x2 = xr[..., 0::2], xr[..., 1::2]
+        out = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
+    else:
+        x1, x2 = xr[..., : rd // 2], xr[..., rd // 2:]
+        out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    return torch.cat((out, xpass), dim=-1) if xpass.numel() else out
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, window: int | None) -> None:
+        super().__init__()
+        self.cfg, self.window = cfg, window
+        H, KV, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.wq = nn.Linear(cfg.dim, H * hd, bias=cfg.attn_bias)
+        self.wk = nn.Linear(cfg.dim, KV * hd, bias=cfg.attn_bias)
+        self.wv = nn.Linear(cfg.dim, KV * hd, bias=cfg.attn_bias)
+        self.wo = nn.Linear(H * hd, cfg.dim, bias=False)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(hd, cfg.norm_eps, cfg.norm_add_one)
+            self.k_norm = RMSNorm(hd, cfg.norm_eps, cfg.norm_add_one)
+        self.scale = cfg.attn_scale if cfg.attn_scale is not None else hd**-0.5
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], positions: torch.Tensor,
+                kv: KVBuffer | None, kv_len: int) -> torch.Tensor:
+        B, T, _ = x.shape
+        cfg = self.cfg
+        q = self.wq(x).view(B, T, cfg.n_heads, cfg.head_dim)  # (B, T, H, hd)
+        k = self.wk(x).view(B, T, cfg.n_kv_heads, cfg.head_dim)  # (B, T, KV, hd)
+        v = self.wv(x).view(B, T, cfg.n_kv_heads, cfg.head_dim)
+        if cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = apply_rope(q, *rope, cfg.rope_interleaved).transpose(1, 2)  # (B, H, T, hd)
+        k = apply_rope(k, *rope, cfg.rope_interleaved).transpose(1, 2)  # (B, KV, T, hd)
+        v = v.transpose(1, 2)
+        if kv is not None:
+            kv.write(positions, k, v)
+            k, v, k_pos = kv.view(kv_len)  # (B, KV, S, hd), (B, S)
+        else:
+            k_pos = positions
+        mask = attention_mask(positions, k_pos, self.window)  # (B, 1, T, S)
+        if cfg.attn_softcap is None:
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale,
+                                               enable_gqa=cfg.n_kv_heads != cfg.n_heads)
+        else:
+            o = self._softcapped(q, k, v, mask)
+        return self.wo(o.transpose(1, 2).reshape(B, T, -1))
+
+    def _softcapped(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        rep = self.cfg.n_heads // self.cfg.n_kv_heads
+        k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+        s = (q @ k.transpose(-1, -2)) * self.scale
+        cap = self.cfg.attn_softcap
+        s = torch.tanh(s / cap) * cap
+        s = s.masked_fill(~mask, float("-inf"))
+        return torch.softmax(s.float(), -1).to(q.dtype) @ v
+
+
+class FeedForward(nn.Module):
+    """Gated MLP: w2(act(w1 x) * w3 x)  (w1 = gate, w3 = up, w2 = down)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
+        self.w3 = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
+        self.w2 = nn.Linear(cfg.hidden_dim, cfg.dim, bias=False)
+        self.act = cfg.act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g = self.w1(x)
+        g = F.silu(g) if self.act == "silu" else F.gelu(g, approximate="tanh")
+        return self.w2(g * self.w3(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.window = cfg.layer_windows[layer]
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps, cfg.norm_add_one)
+        self.attn = Attention(cfg, self.window)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps, cfg.norm_add_one)
+        self.ffn = MoE(cfg) if cfg.moe is not None else FeedForward(cfg)
+        self.post_norms = cfg.post_norms
+        if cfg.post_norms:
+            self.post_attn_norm = RMSNorm(cfg.dim, cfg.norm_eps, cfg.norm_add_one)
+            self.post_ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps, cfg.norm_add_one)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], positions: torch.Tensor,
+                kv: KVBuffer | None, kv_len: int) -> torch.Tensor:
+        a = self.attn(self.attn_norm(x), rope, positions, kv, kv_len)
+        x = x + (self.post_attn_norm(a) if self.post_norms else a)
+        f = self.ffn(self.ffn_norm(x))
+        return x + (self.post_ffn_norm(f) if self.post_norms else f)
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps, cfg.norm_add_one)
+        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: ModelCache | None = None,
+                last_only: bool = False) -> torch.Tensor:
+        """tokens, positions: (B, T) -> logits (B, T, vocab) in fp32 ((B, 1, vocab) if last_only).
+
+        With a cache, `cache.kv_len` must already cover these positions (see `ModelCache`).
+        """
+        cfg = self.cfg
+        x = self.tok_embeddings(tokens)  # (B, T, D)
+        if cfg.embed_scale is not None:
+            x = x * torch.tensor(cfg.embed_scale, dtype=x.dtype)
+        rd = cfg.rope_dim or cfg.head_dim
+        ropes: dict[bool, tuple[torch.Tensor, torch.Tensor]] = {}
+        kv_len = cache.kv_len if cache is not None else 0
+        for i, layer in enumerate(self.layers):
+            local = layer.window is not None and cfg.rope_local_base is not None
+            if local not in ropes:
+                base = cfg.rope_local_base if local else cfg.rope_base
+                scale = 1.0 if local else cfg.rope_scale
+                ropes[local] = rope_tables(positions, rd, base, scale, x.dtype)
+            kv = cache.layers[i] if cache is not None else None
+            x = layer(x, ropes[local], positions, kv, kv_len)
+        if last_only:
+            x = x[:, -1:]
+        logits = self.output(self.norm(x)).float()
+        if cfg.final_softcap is not None:
+            logits = torch.tanh(logits / cfg.final_softcap) * cfg.final_softcap
+        return logits
