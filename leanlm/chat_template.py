@@ -7,9 +7,9 @@ helpers that templates written for ``transformers`` expect: ``trim_blocks`` and
 and the variables ``messages``, ``add_generation_prompt``, ``bos_token``, ``eos_token``,
 ``tools`` and ``documents``.
 
-Files without ``tokenizer.chat_template`` get a built-in template: Gemma's turn format
-for Gemma architectures (``gemma``, ``gemma2``, ``gemma3``...) (the system message is prepended to the first user
-turn, ``assistant`` is called ``model``), ChatML otherwise.
+Files without ``tokenizer.chat_template`` get a built-in template: for Gemma architectures
+(``gemma3`` and its relatives) Gemma's turn format, where the system message is prepended to
+the first user turn and ``assistant`` is called ``model``; ChatML otherwise.
 
 BOS: Gemma's official template starts with ``{{ bos_token }}`` while the tokenizer also
 adds BOS (``add_bos_token`` is true), which would give two. llama.cpp renders the

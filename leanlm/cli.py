@@ -85,11 +85,10 @@ def cmd_chat(a: argparse.Namespace) -> None:
 
 
 def cmd_tokenize(a: argparse.Namespace) -> None:
-    from .gguf_file import GGUFFile
     from .hub import resolve_model
-    from .tokenizer import Tokenizer
+    from .loaders import load_tokenizer
 
-    tok = Tokenizer.from_gguf_metadata(GGUFFile(resolve_model(a.model)).metadata)
+    tok = load_tokenizer(resolve_model(a.model))
     print(json.dumps(tok.encode(a.text, add_bos=False, special=a.special)))
 
 

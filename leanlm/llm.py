@@ -10,15 +10,14 @@ from typing import Any
 
 import torch
 
-from .errors import LeanLMError, UnsupportedError
+from .errors import LeanLMError
 from .generate import GenStats, generate_ids
-from .gguf_file import GGUFFile
 from .hub import DEFAULT_MODEL, resolve_model
-from .loaders.gguf import load_gguf_model
+from .loaders import load_model
 from .model import Transformer
 from .sampling import SamplingParams, sample
 from .stops import StopStrings
-from .tokenizer import StreamDecoder, Tokenizer
+from .tokenizer import StreamDecoder
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -36,7 +35,7 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
 class LLM:
     """A loaded model with its tokenizer; generation methods stream text pieces."""
 
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, path: Path | None = None) -> None:
+    def __init__(self, model: Transformer, tokenizer: Any, path: Path | None = None) -> None:
         self.model, self.tokenizer, self.path = model, tokenizer, path
         self.config = model.cfg
         self.last_stats = GenStats()
@@ -110,8 +109,5 @@ def load(model: str | Path = DEFAULT_MODEL, *, dtype: str | torch.dtype = "auto"
     if threads:
         torch.set_num_threads(threads)
     path = resolve_model(str(model), progress=progress)
-    if path.is_dir():
-        raise UnsupportedError(f"{path} is a folder: checkpoint folders are not supported yet, give a .gguf file")
-    f = GGUFFile(path)
-    m = load_gguf_model(f, resolve_dtype(dtype), device)
-    return LLM(m, Tokenizer.from_gguf_metadata(f.metadata), path)
+    m, tok = load_model(path, resolve_dtype(dtype), device)
+    return LLM(m, tok, path)

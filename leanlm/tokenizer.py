@@ -11,7 +11,8 @@
 
 Special tokens are cut out first, as llama.cpp's ``tokenizer_st_partition`` does: user-defined
 tokens always, control tokens only with ``special=True``, longest first. Decoding follows
-``llama_token_to_piece``.
+``llama_token_to_piece``. Like llama.cpp, bytes a vocabulary has no token for (SmolLM lacks
+e.g. 0x04 and 0xF1) produce no ids, so such text does not survive a round trip.
 """
 
 from __future__ import annotations

@@ -65,3 +65,37 @@ def test_window_boundary_sees_itself_and_w_minus_one_before() -> None:
     assert mask[0, 0, 0].nonzero().flatten().tolist() == [7, 8, 9, 10]
     empty = attention_mask(torch.tensor([[1]]), torch.tensor([[0, 1, -1]]), window=None)
     assert empty[0, 0, 0].tolist() == [True, True, False]
+
+
+@torch.no_grad()
+def test_sliding_buffer_keeps_its_size_while_decoding_4w_tokens() -> None:
+    from leanlm.generate import generate_ids
+    from leanlm.sampling import SamplingParams, sample
+
+    W, chunk = 8, 4
+    m = tiny((W, None))
+    sizes = []
+    orig = ModelCache.__init__
+
+    def spy(self, *a, **kw) -> None:  # noqa: ANN001, ANN002, ANN003
+        orig(self, *a, **kw)
+        sizes.append(self)
+
+    ModelCache.__init__ = spy
+    try:
+        greedy = SamplingParams(temperature=0)
+        out = list(generate_ids(m, [1, 2, 3], lambda lg, h: sample(lg, greedy, h), 4 * W, chunk=chunk))
+    finally:
+        ModelCache.__init__ = orig
+    assert len(out) == 4 * W
+    (cache,) = sizes
+    assert cache.layers[0].k.shape[2] == W + chunk  # rolling: constant, however many tokens
+    assert cache.layers[1].k.shape[2] == 3 + 4 * W  # full attention: the whole sequence
+    assert int(cache.layers[0].pos.max()) == 3 + 4 * W - 2  # it did wrap: holds the latest positions
+
+
+def test_sliding_cache_bytes_do_not_grow_with_length() -> None:
+    cfg = tiny((16, 16)).cfg
+    small = ModelCache(cfg, 1, 1000, 8, torch.float16, device="meta").nbytes()
+    big = ModelCache(cfg, 1, 100_000, 8, torch.float16, device="meta").nbytes()
+    assert small == big

@@ -115,3 +115,35 @@ def test_half_precision_checkpoints_load_into_fp32(dtype: torch.dtype, tmp_path:
     ids = ids_for(40)
     assert ours.tok_embeddings.weight.dtype == torch.float32
     assert (ours(ids, torch.arange(40)[None]) - hf(ids).logits).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("ftype", ["f32", "f16"])
+@pytest.mark.parametrize("case", list(CASES))
+@torch.inference_mode()
+def test_gguf_twin_matches_safetensors(case: str, ftype: str, tmp_path: Path) -> None:
+    """The same tiny model written as GGUF (F32 and F16) with the gguf writer loads to the same logits."""
+    from leanlm.export_gguf import write_gguf
+    from leanlm.gguf_file import GGUFFile
+    from leanlm.loaders.gguf import load_gguf_model
+
+    if case == "qwen2_mixed_swa":
+        pytest.skip("GGUF has no per-layer window key for qwen2")
+    dtype = torch.float16 if ftype == "f16" else torch.float32
+    make_checkpoint(case, tmp_path / "hf", dtype)
+    st = load_hf_model(tmp_path / "hf", torch.float32)
+    path = write_gguf(st, tmp_path / "m.gguf", ftype)
+    gg = load_gguf_model(GGUFFile(path), torch.float32)
+    assert gg.cfg.layer_windows == st.cfg.layer_windows and gg.cfg.moe == st.cfg.moe
+    ids = ids_for(60)
+    pos = torch.arange(60)[None]
+    assert (gg(ids, pos) - st(ids, pos)).abs().max().item() < 1e-4
+
+
+def test_unsupported_architecture_is_named(tmp_path: Path) -> None:
+    import json
+
+    from leanlm.errors import UnsupportedError
+
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}))
+    with pytest.raises(UnsupportedError, match="GPT2LMHeadModel"):
+        load_hf_model(tmp_path, torch.float32)

@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import math
-import re
 from typing import Any
 
 import torch
 
-from ..config import ModelConfig
+from ..config import ModelConfig, MoeConfig
 from ..errors import UnsupportedError
 from ..gguf_file import GGUFFile
 from ..model import Transformer
 from ..quant.dequant import dequantize
+from .common import compile_names, finish, place
 
-SUPPORTED_ARCHS = ("llama", "gemma3")
+SUPPORTED_ARCHS = ("llama", "gemma3", "qwen2", "phi3")
 
 # GGUF tensor name -> our parameter name ({i} = layer index). Data, not code.
 GGUF_NAMES: dict[str, str] = {
@@ -37,17 +37,20 @@ GGUF_NAMES: dict[str, str] = {
     "blk.{i}.ffn_gate.weight": "layers.{i}.ffn.w1.weight",
     "blk.{i}.ffn_up.weight": "layers.{i}.ffn.w3.weight",
     "blk.{i}.ffn_down.weight": "layers.{i}.ffn.w2.weight",
+    "blk.{i}.ffn_gate_inp.weight": "layers.{i}.ffn.gate.weight",  # MoE router
+    "blk.{i}.ffn_gate_exps.weight": "layers.{i}.ffn.w1",  # stacked experts (E, hidden, D)
+    "blk.{i}.ffn_up_exps.weight": "layers.{i}.ffn.w3",
+    "blk.{i}.ffn_down_exps.weight": "layers.{i}.ffn.w2",
 }
-_PATTERNS = [(re.compile("^" + re.escape(k).replace(r"\{i\}", r"(\d+)") + "$"), v) for k, v in GGUF_NAMES.items()]
+# per-architecture differences from the common map
+ARCH_NAMES: dict[str, dict[str, str]] = {
+    "phi3": {  # fused q/k/v and gate/up, split by rows at load
+        "blk.{i}.attn_qkv.weight": "layers.{i}.attn.wq.weight+layers.{i}.attn.wk.weight+layers.{i}.attn.wv.weight",
+        "blk.{i}.ffn_up.weight": "layers.{i}.ffn.w1.weight+layers.{i}.ffn.w3.weight",
+    },
+}
 IGNORED = ("rope_freqs.weight",)
-
-
-def map_name(gguf_name: str) -> str | None:
-    for pat, target in _PATTERNS:
-        m = pat.match(gguf_name)
-        if m:
-            return target.format(i=m.group(1)) if m.groups() else target
-    return None
+_MAPPERS = {arch: compile_names({**GGUF_NAMES, **ARCH_NAMES.get(arch, {})}) for arch in SUPPORTED_ARCHS}
 
 
 def config_from_gguf(f: GGUFFile) -> ModelConfig:
@@ -63,28 +66,34 @@ def config_from_gguf(f: GGUFFile) -> ModelConfig:
     n_layers = int(get("block_count"))
     head_dim = int(get("attention.key_length", dim // n_heads))
     vocab = int(get("vocab_size", len(md.get("tokenizer.ggml.tokens", []))))
+    if "token_embd.weight" in f.tensors:
+        vocab = f.tensors["token_embd.weight"].shape[0]
+    n_experts = int(get("expert_count", 0))
     common: dict[str, Any] = dict(
         arch=arch, vocab_size=vocab, dim=dim, n_layers=n_layers, n_heads=n_heads,
         n_kv_heads=int(get("attention.head_count_kv", n_heads)), head_dim=head_dim,
-        hidden_dim=int(get("feed_forward_length")),
+        hidden_dim=int(get("expert_feed_forward_length", 0) or get("feed_forward_length")),
         norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
         context_length=int(get("context_length", 4096)),
         rope_base=float(get("rope.freq_base", 10000.0)),
         rope_dim=int(get("rope.dimension_count", head_dim)),
         tie_embeddings="output.weight" not in f.tensors,
+        attn_bias="blk.0.attn_q.bias" in f.tensors,
+        moe=MoeConfig(n_experts, int(get("expert_used_count"))) if n_experts else None,
     )
     if get("rope.scaling.type", "none") == "linear":
         common["rope_scale"] = float(get("rope.scaling.factor", 1.0))
-    if arch == "llama":
-        # llama.cpp's converter permutes q/k rows so rotation pairs are adjacent
-        return ModelConfig(**common, rope_interleaved=True)
+    if arch != "gemma3":
+        window = get("attention.sliding_window")
+        windows = (int(window) if window else None,) * n_layers
+        # llama.cpp's converter permutes llama q/k rows so rotation pairs are adjacent; qwen2/phi3 use NeoX
+        return ModelConfig(**common, layer_windows=windows, rope_interleaved=arch == "llama")
     # gemma3: every 6th layer is global, the others slide over `sliding_window` tokens
     window = int(get("attention.sliding_window", 512))
     windows = tuple(None if (i + 1) % 6 == 0 else window for i in range(n_layers))
     return ModelConfig(
         **common, layer_windows=windows, rope_local_base=10000.0, act="gelu_tanh",
-        qk_norm=True, post_norms=True, embed_scale=math.sqrt(dim),
-        attn_scale=head_dim**-0.5,
+        qk_norm=True, post_norms=True, embed_scale=math.sqrt(dim), attn_scale=head_dim**-0.5,
     )
 
 
@@ -95,23 +104,13 @@ def load_gguf_model(f: GGUFFile, dtype: torch.dtype, device: str | torch.device 
         model = Transformer(cfg)
     expected = dict(model.state_dict())
     state: dict[str, torch.Tensor] = {}
+    mapper = _MAPPERS[cfg.arch]
     for name in f.tensors:
         if name in IGNORED:
             continue
-        ours = map_name(name)
-        if ours is None or ours not in expected:
+        targets = mapper(name)
+        if targets is None:
             raise UnsupportedError(f"unexpected tensor '{name}' for architecture {cfg.arch}")
-        t = dequantize(f, name, dtype)
-        if tuple(t.shape) != tuple(expected[ours].shape):
-            want = tuple(expected[ours].shape)
-            raise UnsupportedError(f"tensor '{name}' has shape {tuple(t.shape)}, expected {want}")
-        state[ours] = t.to(device)
-    if cfg.tie_embeddings:
-        state["output.weight"] = state["tok_embeddings.weight"]
-    missing = set(expected) - set(state)
-    if missing:
-        raise UnsupportedError(f"GGUF file lacks tensors: {', '.join(sorted(missing)[:5])}")
-    model.load_state_dict(state, assign=True, strict=True)
-    if cfg.tie_embeddings:
-        model.output.weight = model.tok_embeddings.weight
+        place(dequantize(f, name, dtype), targets, expected, state, dtype, device)
+    finish(model, state, cfg.tie_embeddings)
     return model.eval()

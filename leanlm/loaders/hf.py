@@ -8,7 +8,6 @@ gate_up_proj) are split by rows; per-expert Mixtral tensors are copied into stac
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ from safetensors import safe_open
 from ..config import ModelConfig, MoeConfig
 from ..errors import LeanLMError, UnsupportedError
 from ..model import Transformer
+from .common import compile_names, finish, place
 
 # HF architecture name -> our arch name (the transformer family handles the differences)
 HF_ARCHS = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "MixtralForCausalLM": "mixtral",
@@ -49,17 +49,7 @@ HF_NAMES: dict[str, str] = {
                                                   "+layers.{i}.attn.wv.weight",
     "model.layers.{i}.mlp.gate_up_proj.weight": "layers.{i}.ffn.w1.weight+layers.{i}.ffn.w3.weight",
 }
-_PATTERNS = [(re.compile("^" + re.escape(k).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{e\}", r"(?P<e>\d+)")
-                         + "$"), v) for k, v in HF_NAMES.items()]
-
-
-def map_name(hf_name: str) -> list[str] | None:
-    """Our target names for an HF tensor (several for a fused tensor), or None if unknown."""
-    for pat, target in _PATTERNS:
-        m = pat.match(hf_name)
-        if m:
-            return target.format(**m.groupdict()).split("+")
-    return None
+map_name = compile_names(HF_NAMES)
 
 
 def _rope(c: dict[str, Any]) -> tuple[float, float, float]:
@@ -142,36 +132,11 @@ def load_hf_model(folder: Path, dtype: torch.dtype, device: str | torch.device =
     for shard in safetensors_files(folder):
         with safe_open(str(shard), framework="pt", device="cpu") as f:
             for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
-                targets = map_name(name)
                 if name.endswith("rotary_emb.inv_freq"):
                     continue
+                targets = map_name(name)
                 if targets is None:
                     raise UnsupportedError(f"unexpected tensor '{name}' for architecture {cfg.arch}")
-                _place(f.get_tensor(name), targets, expected, state, dtype, device)
-    if cfg.tie_embeddings and "output.weight" not in state:
-        state["output.weight"] = state["tok_embeddings.weight"]
-    missing = set(expected) - set(state)
-    if missing:
-        raise LeanLMError(f"checkpoint lacks tensors: {', '.join(sorted(missing)[:5])}")
-    model.load_state_dict(state, assign=True, strict=True)
-    if cfg.tie_embeddings:
-        model.output.weight = model.tok_embeddings.weight
+                place(f.get_tensor(name), targets, expected, state, dtype, device)
+    finish(model, state, cfg.tie_embeddings)
     return model.eval()
-
-
-def _place(t: torch.Tensor, targets: list[str], expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor],
-           dtype: torch.dtype, device: str | torch.device) -> None:
-    """Convert one checkpoint tensor and put it (or its row-split parts, or one expert) in `state`."""
-    if len(targets) == 1 and targets[0].endswith("]"):  # one expert of a stacked tensor
-        name, e = targets[0][:-1].split("[")
-        if name not in state:
-            state[name] = torch.empty(expected[name].shape, dtype=dtype, device=device)
-        state[name][int(e)].copy_(t)
-        return
-    sizes = [expected[n].shape[0] for n in targets]
-    if sum(sizes) != t.shape[0]:
-        raise LeanLMError(f"tensor for {targets[0]} has {t.shape[0]} rows, expected {sum(sizes)}")
-    for n, part in zip(targets, torch.split(t, sizes, dim=0)):
-        if tuple(part.shape) != tuple(expected[n].shape):
-            raise LeanLMError(f"tensor {n} has shape {tuple(part.shape)}, expected {tuple(expected[n].shape)}")
-        state[n] = part.to(device=device, dtype=dtype, copy=True)
