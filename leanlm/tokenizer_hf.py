@@ -80,7 +80,7 @@ def _state(component: Any) -> dict[str, Any]:
         return {}
     try:
         return json.loads(component.__getstate__())
-    except Exception:  # noqa: BLE001 - an unexpected binding: treat as unknown
+    except Exception:  # an unexpected binding: treat as unknown
         return {}
 
 
@@ -172,7 +172,7 @@ class HFTokenizer:
             raise LeanLMError(f"{folder} has no tokenizer.json (leanlm needs the fast tokenizer file)")
         try:
             hf = RustTokenizer.from_file(str(path))
-        except Exception as e:  # noqa: BLE001 - tokenizers raises plain Exception for bad files
+        except Exception as e:  # tokenizers raises plain Exception for bad files
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise LeanLMError(f"{path} is not a valid tokenizer.json: {reason}") from e
         config = _read_json(folder / "tokenizer_config.json")

@@ -1,0 +1,61 @@
+"""`leanlm run`, `chat` and `tokenize` on a Hugging Face checkpoint folder, as on a GGUF file."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import leanlm
+from leanlm.cli import main
+
+transformers = pytest.importorskip("transformers")
+from tiny_tokenizer import write_tiny_tokenizer  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("tiny_mistral")
+    cfg = transformers.MistralConfig(vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, sliding_window=16,
+                                     initializer_range=0.2, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    transformers.MistralForCausalLM(cfg).save_pretrained(d)
+    write_tiny_tokenizer(d, kind="sentencepiece", vocab_size=512)
+    return d
+
+
+def test_run_on_folder_matches_transformers_greedy(folder: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from leanlm.generate import generate_ids
+    from leanlm.sampling import SamplingParams, sample
+
+    code = main(["run", str(folder), "hello world", "--raw", "--temperature", "0", "--max-tokens", "20",
+                 "--ignore-eos"])
+    out = capsys.readouterr().out
+    assert code == 0
+    llm = leanlm.load(folder)
+    assert out == "".join(llm.generate("hello world", temperature=0, max_tokens=20, ignore_eos=True)) + "\n"
+    ids = llm.encode_prompt("hello world")
+    assert ids[0] == llm.tokenizer.bos_id
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.inference_mode():
+        ref = hf.generate(torch.tensor([ids]), max_new_tokens=20, do_sample=False, eos_token_id=None, pad_token_id=0)
+    greedy = SamplingParams(temperature=0)
+    assert list(generate_ids(llm.model, ids, lambda lg, h: sample(lg, greedy, h), 20)) == ref[0, len(ids):].tolist()
+
+
+def test_tokenize_folder_matches_transformers(folder: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    text = "hello  world\n\tdef f(x): return x  # ünïcödé 你好"
+    assert main(["tokenize", str(folder), text]) == 0
+    ids = json.loads(capsys.readouterr().out)
+    ref = transformers.AutoTokenizer.from_pretrained(folder)(text, add_special_tokens=False)["input_ids"]
+    assert ids == ref
+
+
+def test_chat_on_folder_uses_its_template(folder: Path) -> None:
+    llm = leanlm.load(folder)
+    ids = llm.chat_prompt([{"role": "user", "content": "hi"}])
+    text = llm.tokenizer.decode(ids, skip_special=False)
+    assert "<|im_start|>user" in text and text.rstrip().endswith("<|im_start|>assistant")
