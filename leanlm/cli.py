@@ -92,6 +92,28 @@ def cmd_tokenize(a: argparse.Namespace) -> None:
     print(json.dumps(tok.encode(a.text, add_bos=False, special=a.special)))
 
 
+def cmd_perplexity(a: argparse.Namespace) -> None:
+    from dataclasses import asdict
+    from pathlib import Path
+
+    from .llm import load
+    from .perplexity import perplexity
+
+    try:
+        text = Path(a.file).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise LeanLMError(f"cannot read text file {a.file}: {e}") from None
+    llm = _load(a)
+    ref = load(a.reference, dtype=a.dtype, threads=a.threads) if a.reference else None
+    r = perplexity(llm, text, a.ctx, reference=ref, max_chunks=a.chunks, progress=not a.json)
+    if a.json:
+        print(json.dumps(asdict(r)))
+        return
+    print(f"perplexity {r.perplexity:.4f} over {r.n_tokens_scored} tokens ({r.n_chunks} windows of {r.ctx})")
+    if r.kl_mean is not None:
+        print(f"mean KL vs reference {r.kl_mean:.6f}, top-1 agreement {100 * (r.top1_agree or 0):.2f}%")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="leanlm", description="A lean, fast LLM runtime.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -116,6 +138,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("text")
     s.add_argument("--special", action="store_true", help="parse special tokens in the text")
     s.set_defaults(fn=cmd_tokenize)
+    s = sub.add_parser("perplexity", help="perplexity of a text file, computed as llama.cpp's tool does")
+    _add_model(s)
+    s.add_argument("--file", required=True, help="UTF-8 text file")
+    s.add_argument("--ctx", type=int, default=512, help="window size; the second half of each is scored")
+    s.add_argument("--chunks", type=int, default=None, help="score only the first N windows")
+    s.add_argument("--reference", default=None, help="also report KL divergence and top-1 agreement vs this model")
+    s.add_argument("--json", action="store_true", help="print one JSON object")
+    s.set_defaults(fn=cmd_perplexity)
     return p
 
 

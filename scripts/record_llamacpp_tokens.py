@@ -52,6 +52,7 @@ FIXED: list[str] = [
     "<b> </b> and > </ and x> </y", "literal ▁ char ▁▁ and ▁x", "\u2581leading block",
     "The quick brown fox jumps over the lazy dog. " * 5,
     "    indented four\n        eight\n\t\ttwo tabs\n", "a  b   c    d     e      f",
+    "!\x04! a\x00b \x7f", "\U0001f843\U000bdfb0 \u0380 x\U00076bf4y",  # bytes some vocabularies lack
 ]
 
 _ALPHABET = list("abcXYZ019 .,'!?-_/<>|") + [

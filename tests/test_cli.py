@@ -134,3 +134,16 @@ def test_console_script_prints_no_traceback(tmp_path: Path) -> None:
     assert r.returncode == 1 and "Traceback" not in r.stderr and r.stderr.startswith("leanlm: error:")
     r = subprocess.run([sys.executable, "-m", "leanlm", "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "tokenize" in r.stdout
+
+
+def test_perplexity_json(smol_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    text = str(Path(__file__).parent / "fixtures" / "ppl_text.txt")
+    code, out, _ = run_cli(["perplexity", str(smol_path), "--file", text, "--ctx", "128", "--chunks", "2",
+                            "--json"], capsys)
+    r = json.loads(out)
+    assert code == 0 and r["n_chunks"] == 2 and r["n_tokens_scored"] == 2 * (128 - 1 - 64)
+    assert 1.0 < r["perplexity"] < 100.0
+
+
+def test_perplexity_missing_text_file(smol_path: Path, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    _expect_error(["perplexity", str(smol_path), "--file", str(tmp_path / "none.txt")], capsys, "none.txt")

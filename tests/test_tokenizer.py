@@ -82,10 +82,13 @@ def test_eos_ids(name: str) -> None:
 
 def test_decode_roundtrip(name: str) -> None:
     tok = _tok(name)
+    single_bytes = {p[0] for p in map(tok.token_bytes, range(tok.vocab_size)) if len(p) == 1}
     for case in _recorded(name)["cases"]:
         text = case["text"]
         if name == "gemma" and "▁" in text:
             continue  # SentencePiece writes spaces as ▁, so a literal ▁ decodes as a space
+        if not set(text.encode()) <= single_bytes:
+            continue  # SmolLM has no token for some bytes (0x04, 0xF1, ...): llama.cpp drops them too
         assert tok.decode(tok.encode(text)) == text
         assert tok.decode(case["ids"]) == text
 
