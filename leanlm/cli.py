@@ -21,6 +21,7 @@ def _add_model(p: argparse.ArgumentParser, optional: bool = False) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="compute dtype; float32 is the exact reference path")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    p.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens per forward pass")
 
 
 def _add_sampling(p: argparse.ArgumentParser) -> None:
@@ -46,7 +47,7 @@ def _params(a: argparse.Namespace):  # noqa: ANN202
 def _load(a: argparse.Namespace):  # noqa: ANN202
     from .llm import load
 
-    return load(a.model, dtype=a.dtype, threads=a.threads)
+    return load(a.model, dtype=a.dtype, threads=a.threads, prefill_chunk=a.prefill_chunk)
 
 
 def cmd_pull(a: argparse.Namespace) -> None:
@@ -105,7 +106,8 @@ def cmd_perplexity(a: argparse.Namespace) -> None:
         raise LeanLMError(f"cannot read text file {a.file}: {e}") from None
     llm = _load(a)
     ref = load(a.reference, dtype=a.dtype, threads=a.threads) if a.reference else None
-    r = perplexity(llm, text, a.ctx, reference=ref, max_chunks=a.chunks, progress=not a.json)
+    r = perplexity(llm, text, a.ctx, reference=ref, max_chunks=a.chunks, batch_chunk=a.prefill_chunk,
+                   progress=not a.json)
     if a.json:
         print(json.dumps(asdict(r)))
         return

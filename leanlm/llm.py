@@ -35,8 +35,11 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
 class LLM:
     """A loaded model with its tokenizer; generation methods stream text pieces."""
 
-    def __init__(self, model: Transformer, tokenizer: Any, path: Path | None = None) -> None:
+    def __init__(self, model: Transformer, tokenizer: Any, path: Path | None = None, prefill_chunk: int = 512) -> None:
+        if prefill_chunk < 1:
+            raise LeanLMError("prefill_chunk must be >= 1")
         self.model, self.tokenizer, self.path = model, tokenizer, path
+        self.prefill_chunk = prefill_chunk  # prompt tokens per forward; sliding layers keep W + this many slots
         self.config = model.cfg
         self.last_stats = GenStats()
 
@@ -64,7 +67,8 @@ class LLM:
         stop_ids = frozenset() if params.ignore_eos else tok.eos_ids
         self.last_stats = stats = GenStats()
         detok, stops = StreamDecoder(tok), StopStrings(params.stop)
-        for tid in generate_ids(self.model, ids, sampler, params.max_tokens, stop_ids=stop_ids, stats=stats):
+        for tid in generate_ids(self.model, ids, sampler, params.max_tokens, stop_ids=stop_ids,
+                                chunk=self.prefill_chunk, stats=stats):
             if tid in stop_ids:
                 stats.finish_reason = "stop"
                 break
@@ -104,10 +108,10 @@ def _sample(logits: torch.Tensor, history: torch.Tensor, *, params: SamplingPara
 
 
 def load(model: str | Path = DEFAULT_MODEL, *, dtype: str | torch.dtype = "auto", threads: int | None = None,
-         device: str = "cpu", progress: bool = True) -> LLM:
+         device: str = "cpu", progress: bool = True, prefill_chunk: int = 512) -> LLM:
     """Load a registry name (pulled on first use), a .gguf file or a checkpoint folder."""
     if threads:
         torch.set_num_threads(threads)
     path = resolve_model(str(model), progress=progress)
     m, tok = load_model(path, resolve_dtype(dtype), device)
-    return LLM(m, tok, path)
+    return LLM(m, tok, path, prefill_chunk)

@@ -36,6 +36,9 @@ def test_run_greedy_streams_exactly_the_api_answer(smol_path: Path, smol: leanlm
     want = "".join(smol.chat([{"role": "user", "content": prompt}], temperature=0, max_tokens=24))
     assert out == want + "\n"
     assert "tok/s" in err and "tok/s" not in out
+    code, chunked, _ = run_cli(["run", str(smol_path), prompt, "--temperature", "0", "--max-tokens", "24",
+                                "--dtype", "float32", "--prefill-chunk", "5"], capsys)
+    assert code == 0 and chunked == out  # a prompt prefilled 5 tokens at a time gives the same answer
 
 
 def test_raw_prompt_and_stop_string(smol_path: Path, smol: leanlm.LLM, capsys: pytest.CaptureFixture[str]) -> None:

@@ -147,3 +147,15 @@ def test_unsupported_architecture_is_named(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}))
     with pytest.raises(UnsupportedError, match="GPT2LMHeadModel"):
         load_hf_model(tmp_path, torch.float32)
+
+
+@torch.inference_mode()
+def test_sharded_checkpoint_with_index(tmp_path: Path) -> None:
+    cfg_cls, model_cls, extra = CASES["mixtral_8x2"]
+    torch.manual_seed(0)
+    hf = getattr(transformers, model_cls)(getattr(transformers, cfg_cls)(**COMMON, **extra)).eval()
+    hf.save_pretrained(tmp_path, max_shard_size="100KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file() and len(list(tmp_path.glob("*.safetensors"))) > 2
+    ours = load_hf_model(tmp_path, torch.float32)
+    ids = ids_for(30)
+    assert (ours(ids, torch.arange(30)[None]) - hf(ids).logits).abs().max().item() < 1e-4
