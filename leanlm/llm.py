@@ -22,14 +22,16 @@ from .tokenizer import StreamDecoder
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+def resolve_dtype(dtype: str | torch.dtype, device: str = "cpu") -> tuple[torch.dtype, bool]:
+    """(compute dtype, keep quantized weights). "auto" on CPU: bf16 activations with 4-bit GGUF weights kept
+    quantized (PyTorch's int4 CPU kernel); float32 is the exact reference path (everything dequantized)."""
     if isinstance(dtype, torch.dtype):
-        return dtype
+        return dtype, False
     if dtype == "auto":
-        return torch.float32  # weights are dequantized for now; bf16 comes with quantized kernels
+        return torch.bfloat16, str(device).startswith("cpu")
     if dtype not in DTYPES:
         raise LeanLMError(f"unknown dtype '{dtype}' (choose auto, {', '.join(DTYPES)})")
-    return DTYPES[dtype]
+    return DTYPES[dtype], False
 
 
 class LLM:
@@ -113,5 +115,6 @@ def load(model: str | Path = DEFAULT_MODEL, *, dtype: str | torch.dtype = "auto"
     if threads:
         torch.set_num_threads(threads)
     path = resolve_model(str(model), progress=progress)
-    m, tok = load_model(path, resolve_dtype(dtype), device)
+    compute, quantized = resolve_dtype(dtype, device)
+    m, tok = load_model(path, compute, device, quantized)
     return LLM(m, tok, path, prefill_chunk)

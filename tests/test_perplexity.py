@@ -40,11 +40,11 @@ def _recorded(name: str, ctx: int) -> dict[str, Any]:
     return next(r for r in data["runs"] if r["name"] == name and r["ctx"] == ctx)
 
 
-def _check_against_llamacpp(path: Path, name: str, ctx: int, chunks: int | None) -> None:
+def _check_against_llamacpp(path: Path, name: str, ctx: int, chunks: int | None, dtype: str = "float32") -> None:
     rec = _recorded(name, ctx)
     if path.stat().st_size != rec["model_size"]:
         pytest.skip(f"{path} is not the file the fixture was recorded from ({rec['model']})")
-    llm = load(path, dtype="float32", progress=False)
+    llm = load(path, dtype=dtype, progress=False)
     res = perplexity(llm, TEXT, ctx, max_chunks=chunks, progress=False)
     n = chunks or rec["n_chunks"]
     assert res.n_chunks == n
@@ -55,12 +55,15 @@ def _check_against_llamacpp(path: Path, name: str, ctx: int, chunks: int | None)
         assert abs(ours / theirs - 1) < TOLERANCE
 
 
-def test_smollm2_ctx512_first_chunks_match_llamacpp(smol_path: Path) -> None:
-    _check_against_llamacpp(smol_path, "smollm2", 512, chunks=4)
+# "auto" is the fast path (bf16 activations, 4-bit weights kept quantized): it must stay within 1% too
+@pytest.mark.parametrize("dtype", ["float32", "auto"])
+def test_smollm2_ctx512_first_chunks_match_llamacpp(smol_path: Path, dtype: str) -> None:
+    _check_against_llamacpp(smol_path, "smollm2", 512, chunks=4, dtype=dtype)
 
 
-def test_gemma3_ctx1024_first_chunks_match_llamacpp(gemma_path: Path) -> None:
-    _check_against_llamacpp(gemma_path, "gemma3", 1024, chunks=2)
+@pytest.mark.parametrize("dtype", ["float32", "auto"])
+def test_gemma3_ctx1024_first_chunks_match_llamacpp(gemma_path: Path, dtype: str) -> None:
+    _check_against_llamacpp(gemma_path, "gemma3", 1024, chunks=2, dtype=dtype)
 
 
 @pytest.mark.slow

@@ -26,8 +26,9 @@ def load_tokenizer(path: Path) -> Any:
     return Tokenizer.from_gguf_metadata(GGUFFile(path).metadata)
 
 
-def load_model(path: Path, dtype: torch.dtype, device: str | torch.device = "cpu") -> tuple[Transformer, Any]:
-    """(model, tokenizer) from a .gguf file or a checkpoint folder."""
+def load_model(path: Path, dtype: torch.dtype, device: str | torch.device = "cpu",
+               quantized: bool = False) -> tuple[Transformer, Any]:
+    """(model, tokenizer) from a .gguf file or a checkpoint folder (quantized: keep GGUF 4-bit weights)."""
     if path.is_dir():
         from ..tokenizer_hf import HFTokenizer
         from .hf import load_hf_model
@@ -38,4 +39,4 @@ def load_model(path: Path, dtype: torch.dtype, device: str | torch.device = "cpu
     from .gguf import load_gguf_model
 
     f = GGUFFile(path)
-    return load_gguf_model(f, dtype, device), Tokenizer.from_gguf_metadata(f.metadata)
+    return load_gguf_model(f, dtype, device, quantized), Tokenizer.from_gguf_metadata(f.metadata)

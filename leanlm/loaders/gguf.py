@@ -6,12 +6,14 @@ import math
 from typing import Any
 
 import torch
+from torch import nn
 
 from ..config import ModelConfig, MoeConfig
 from ..errors import UnsupportedError
 from ..gguf_file import GGUFFile
 from ..model import Transformer
 from ..quant.dequant import dequantize
+from ..quant.int4 import INT4_TYPES, int4_linear
 from .common import compile_names, finish, place
 
 SUPPORTED_ARCHS = ("llama", "gemma3", "qwen2", "phi3")
@@ -97,16 +99,22 @@ def config_from_gguf(f: GGUFFile) -> ModelConfig:
     )
 
 
-def load_gguf_model(f: GGUFFile, dtype: torch.dtype, device: str | torch.device = "cpu") -> Transformer:
-    """Build the model on the meta device, then assign each weight (dequantized) in place."""
+def load_gguf_model(f: GGUFFile, dtype: torch.dtype, device: str | torch.device = "cpu",
+                    quantized: bool = False) -> Transformer:
+    """Build the model on the meta device, then assign each weight in place.
+
+    quantized: keep 4-bit weights (Q4_0, Q4_1, Q4_K) quantized as `Int4Linear` modules (CPU kernel);
+    everything else is dequantized to `dtype`.
+    """
     cfg = config_from_gguf(f)
     with torch.device("meta"):
         model = Transformer(cfg)
-    expected = dict(model.state_dict())
     state: dict[str, torch.Tensor] = {}
     mapper = _MAPPERS[cfg.arch]
+    done = _swap_int4_linears(f, model, mapper, state) if quantized else set()
+    expected = dict(model.state_dict())
     for name in f.tensors:
-        if name in IGNORED:
+        if name in IGNORED or name in done:
             continue
         targets = mapper(name)
         if targets is None:
@@ -114,3 +122,24 @@ def load_gguf_model(f: GGUFFile, dtype: torch.dtype, device: str | torch.device 
         place(dequantize(f, name, dtype), targets, expected, state, dtype, device)
     finish(model, state, cfg.tie_embeddings)
     return model.eval()
+
+
+def _swap_int4_linears(f: GGUFFile, model: Transformer, mapper: Any, state: dict[str, torch.Tensor]) -> set[str]:
+    """Replace each Linear whose GGUF weight is 4-bit by an Int4Linear; return the GGUF names consumed."""
+    done: set[str] = set()
+    for name, info in f.tensors.items():
+        targets = mapper(name) if info.qtype in INT4_TYPES else None
+        if not targets or len(targets) != 1 or not targets[0].endswith(".weight"):
+            continue
+        path = targets[0][: -len(".weight")]
+        mod = model.get_submodule(path)
+        if not isinstance(mod, nn.Linear):
+            continue
+        bias_name = name[: -len(".weight")] + ".bias"
+        bias = dequantize(f, bias_name, torch.float32) if mod.bias is not None else None
+        new = int4_linear(f, name, bias)
+        parent, _, child = path.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, new)
+        state.update({f"{path}.{k}": v for k, v in new.state_dict().items()})
+        done.update({name, bias_name})
+    return done
