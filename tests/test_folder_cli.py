@@ -32,10 +32,10 @@ def test_run_on_folder_matches_transformers_greedy(folder: Path, capsys: pytest.
     from leanlm.sampling import SamplingParams, sample
 
     code = main(["run", str(folder), "hello world", "--raw", "--temperature", "0", "--max-tokens", "20",
-                 "--ignore-eos"])
+                 "--ignore-eos", "--dtype", "float32"])
     out = capsys.readouterr().out
     assert code == 0
-    llm = leanlm.load(folder)
+    llm = leanlm.load(folder, dtype="float32")
     assert out == "".join(llm.generate("hello world", temperature=0, max_tokens=20, ignore_eos=True)) + "\n"
     ids = llm.encode_prompt("hello world")
     assert ids[0] == llm.tokenizer.bos_id
