@@ -29,31 +29,28 @@ from .config import ModelConfig
 
 
 class KVBuffer(nn.Module):
-    """K/V storage for one layer: (B, n_kv, S, hd), plus the position held by each slot."""
+    """K/V storage for one layer: (B, n_kv, S, hd). `pos` (B, S), the position held by each slot, is
+    shared by all buffers of the same size (they are written identically) and kept by ModelCache."""
 
     def __init__(self, batch: int, n_kv: int, size: int, head_dim: int, window: int | None,
-                 dtype: torch.dtype, device: torch.device | str | None = None) -> None:
+                 dtype: torch.dtype, pos: torch.Tensor, device: torch.device | str | None = None) -> None:
         super().__init__()
-        self.size, self.window = size, window
+        self.size, self.window, self.pos = size, window, pos
         self.register_buffer("k", torch.zeros(batch, n_kv, size, head_dim, dtype=dtype, device=device),
                              persistent=False)
         self.register_buffer("v", torch.zeros(batch, n_kv, size, head_dim, dtype=dtype, device=device),
                              persistent=False)
-        self.register_buffer("pos", torch.full((batch, size), -1, dtype=torch.long, device=device),
-                             persistent=False)
 
-    def write(self, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store new keys/values. positions: (B, T); k, v: (B, n_kv, T, hd)."""
-        slots = positions % self.size  # (B, T); identity for full buffers (positions < size)
+    def write(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store new keys/values at slots (B, T); k, v: (B, n_kv, T, hd)."""
         idx = slots[:, None, :, None].expand_as(k)  # (B, n_kv, T, hd)
         self.k.scatter_(2, idx, k)
         self.v.scatter_(2, idx, v)
-        self.pos.scatter_(1, slots, positions)
 
-    def view(self, kv_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The slots worth reading when positions < kv_len: (k, v, slot positions (B, S'))."""
+    def view(self, kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The slots worth reading when positions < kv_len: k, v (B, n_kv, S', hd)."""
         n = min(kv_len, self.size)
-        return self.k[:, :, :n], self.v[:, :, :n], self.pos[:, :n]
+        return self.k[:, :, :n], self.v[:, :, :n]
 
 
 def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
@@ -79,10 +76,34 @@ class ModelCache(nn.Module):
         super().__init__()
         self.max_len, self.chunk = max_len, chunk
         self.layers = nn.ModuleList()
+        self.slot_pos: dict[int, torch.Tensor] = {}  # buffer size -> (B, size) position in each slot, -1 empty
         for w in cfg.layer_windows:
             size = max_len if w is None else min(max_len, w + chunk)
-            self.layers.append(KVBuffer(batch, cfg.n_kv_heads, size, cfg.head_dim, w, dtype, device))
+            if size not in self.slot_pos:
+                self.slot_pos[size] = torch.full((batch, size), -1, dtype=torch.long, device=device)
+                self.register_buffer(f"pos_{size}", self.slot_pos[size], persistent=False)
+            self.layers.append(KVBuffer(batch, cfg.n_kv_heads, size, cfg.head_dim, w, dtype,
+                                        self.slot_pos[size], device))
         self.kv_len = 0
+
+    def prepare(self, positions: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Record the new positions (B, T) in the slot tables; per layer, (slots (B, T), mask (B, 1, T, S')).
+
+        Done once per forward: layers sharing a buffer size and window share the same tensors.
+        """
+        slots = {}
+        for size, pos in self.slot_pos.items():
+            slots[size] = positions % size  # identity for full buffers (positions < size)
+            pos.scatter_(1, slots[size], positions)
+        shared: dict[tuple[int, int | None], tuple[torch.Tensor, torch.Tensor]] = {}
+        out = []
+        for b in self.layers:
+            key = (b.size, b.window)
+            if key not in shared:
+                k_pos = self.slot_pos[b.size][:, :min(self.kv_len, b.size)]
+                shared[key] = (slots[b.size], attention_mask(positions, k_pos, b.window))
+            out.append(shared[key])
+        return out
 
     def nbytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in self.buffers())

@@ -21,10 +21,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         w = self.weight.float() + 1.0 if self.add_one else self.weight.float()
-        return (xf * w).to(x.dtype)
+        return F.rms_norm(x.float(), w.shape, w, self.eps).to(x.dtype)  # normalise in fp32
 
 
 def rope_tables(positions: torch.Tensor, rot_dim: int, base: float, scale: float = 1.0,
@@ -66,8 +64,9 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(hd, cfg.norm_eps, cfg.norm_add_one)
         self.scale = cfg.attn_scale if cfg.attn_scale is not None else hd**-0.5
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], positions: torch.Tensor,
-                kv: KVBuffer | None, kv_len: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor,
+                kv: KVBuffer | None, slots: torch.Tensor | None, kv_len: int) -> torch.Tensor:
+        """mask (B, 1, T, S) from ModelCache.prepare (or causal over x alone without a cache)."""
         B, T, _ = x.shape
         cfg = self.cfg
         q = self.wq(x).view(B, T, cfg.n_heads, cfg.head_dim)  # (B, T, H, hd)
@@ -79,11 +78,9 @@ class Attention(nn.Module):
         k = apply_rope(k, *rope, cfg.rope_interleaved).transpose(1, 2)  # (B, KV, T, hd)
         v = v.transpose(1, 2)
         if kv is not None:
-            kv.write(positions, k, v)
-            k, v, k_pos = kv.view(kv_len)  # (B, KV, S, hd), (B, S)
-        else:
-            k_pos = positions
-        mask = attention_mask(positions, k_pos, self.window)  # (B, 1, T, S)
+            assert slots is not None
+            kv.write(slots, k, v)
+            k, v = kv.view(kv_len)  # (B, KV, S, hd)
         if cfg.attn_softcap is None:
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale,
                                                enable_gqa=cfg.n_kv_heads != cfg.n_heads)
@@ -130,9 +127,9 @@ class Block(nn.Module):
             self.post_attn_norm = RMSNorm(cfg.dim, cfg.norm_eps, cfg.norm_add_one)
             self.post_ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps, cfg.norm_add_one)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], positions: torch.Tensor,
-                kv: KVBuffer | None, kv_len: int) -> torch.Tensor:
-        a = self.attn(self.attn_norm(x), rope, positions, kv, kv_len)
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor,
+                kv: KVBuffer | None, slots: torch.Tensor | None, kv_len: int) -> torch.Tensor:
+        a = self.attn(self.attn_norm(x), rope, mask, kv, slots, kv_len)
         x = x + (self.post_attn_norm(a) if self.post_norms else a)
         f = self.ffn(self.ffn_norm(x))
         return x + (self.post_ffn_norm(f) if self.post_norms else f)
@@ -160,14 +157,21 @@ class Transformer(nn.Module):
         rd = cfg.rope_dim or cfg.head_dim
         ropes: dict[bool, tuple[torch.Tensor, torch.Tensor]] = {}
         kv_len = cache.kv_len if cache is not None else 0
+        if cache is not None:
+            prepared = cache.prepare(positions)  # per layer (slots, mask), shared where buffers agree
+        else:
+            causal = {w: attention_mask(positions, positions, w) for w in set(cfg.layer_windows)}
         for i, layer in enumerate(self.layers):
             local = layer.window is not None and cfg.rope_local_base is not None
             if local not in ropes:
                 base = cfg.rope_local_base if local else cfg.rope_base
                 scale = 1.0 if local else cfg.rope_scale
                 ropes[local] = rope_tables(positions, rd, base, scale, x.dtype)
-            kv = cache.layers[i] if cache is not None else None
-            x = layer(x, ropes[local], positions, kv, kv_len)
+            if cache is not None:
+                slots, mask = prepared[i]
+                x = layer(x, ropes[local], mask, cache.layers[i], slots, kv_len)
+            else:
+                x = layer(x, ropes[local], causal[layer.window], None, None, 0)
         if last_only:
             x = x[:, -1:]
         logits = self.output(self.norm(x)).float()
