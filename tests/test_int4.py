@@ -62,4 +62,21 @@ def test_auto_dtype_keeps_4bit_weights_quantized(smol_path: Path) -> None:
     packed = sum(b.numel() * b.element_size() for m in int4 for b in m.buffers())
     weights = sum(m.in_features * m.out_features for m in int4)
     assert packed < 0.7 * weights  # 0.5 byte per weight + bf16 scale and zero per 32, not 2 or 4 bytes
-    assert dense < 60e6  # what stays dense: the bf16 embedding (tied head) and norms
+    assert dense < 1e6  # only norms stay dense: the tied head/embedding is int8 (Int8Linear + Int8Embedding)
+    assert type(llm.model.output).__name__ == "Int8Linear"
+
+
+def test_int8_head_rows_are_within_half_a_step(smol_path: Path) -> None:
+    from leanlm.quant.dequant import dequantize_rows
+    from leanlm.quant.int8 import Int8Embedding, Int8Linear, quantize_rows
+
+    f = GGUFFile(smol_path)
+    w = dequantize_rows(f, "token_embd.weight", 0, 1000)
+    codes, scales = quantize_rows(1000, lambda s, e: w[s:e])
+    err = (codes.float() * scales.float()[:, None] - w).abs()
+    assert (err <= scales.float()[:, None] * 0.5 + 1e-6).all()
+    x = torch.randn(3, w.shape[1])
+    ref = x @ w.t()
+    assert (Int8Linear(codes, scales)(x) - ref).abs().max() < 0.02 * ref.abs().max()
+    emb = Int8Embedding(codes, scales, torch.float32)(torch.tensor([[0, 999]]))
+    assert (emb[0] - w[[0, 999]]).abs().max() <= scales.float().max()

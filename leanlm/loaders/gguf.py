@@ -12,8 +12,9 @@ from ..config import ModelConfig, MoeConfig
 from ..errors import UnsupportedError
 from ..gguf_file import GGUFFile
 from ..model import Transformer
-from ..quant.dequant import dequantize
+from ..quant.dequant import dequantize, dequantize_rows
 from ..quant.int4 import INT4_TYPES, int4_linear
+from ..quant.int8 import Int8Embedding, Int8Linear, quantize_rows
 from .common import compile_names, finish, place
 
 SUPPORTED_ARCHS = ("llama", "gemma3", "qwen2", "phi3")
@@ -112,6 +113,8 @@ def load_gguf_model(f: GGUFFile, dtype: torch.dtype, device: str | torch.device 
     state: dict[str, torch.Tensor] = {}
     mapper = _MAPPERS[cfg.arch]
     done = _swap_int4_linears(f, model, mapper, state) if quantized else set()
+    if quantized:
+        done |= _swap_int8_head(f, model, state, dtype)
     expected = dict(model.state_dict())
     for name in f.tensors:
         if name in IGNORED or name in done:
@@ -120,7 +123,7 @@ def load_gguf_model(f: GGUFFile, dtype: torch.dtype, device: str | torch.device 
         if targets is None:
             raise UnsupportedError(f"unexpected tensor '{name}' for architecture {cfg.arch}")
         place(dequantize(f, name, dtype), targets, expected, state, dtype, device)
-    finish(model, state, cfg.tie_embeddings)
+    finish(model, state, cfg.tie_embeddings and not quantized)
     return model.eval()
 
 
@@ -142,4 +145,22 @@ def _swap_int4_linears(f: GGUFFile, model: Transformer, mapper: Any, state: dict
         setattr(model.get_submodule(parent) if parent else model, child, new)
         state.update({f"{path}.{k}": v for k, v in new.state_dict().items()})
         done.update({name, bias_name})
+    return done
+
+
+def _swap_int8_head(f: GGUFFile, model: Transformer, state: dict[str, torch.Tensor], dtype: torch.dtype) -> set[str]:
+    """Output head (and the embedding, when tied to it) as per-row int8: the largest matrix read per token."""
+    head = "output.weight" if "output.weight" in f.tensors else "token_embd.weight"
+    if not isinstance(model.output, nn.Linear):  # already an Int4Linear
+        head = "token_embd.weight"
+    n_rows = f.tensors[head].shape[0]
+    codes, scales = quantize_rows(n_rows, lambda s, e: dequantize_rows(f, head, s, e))
+    done = {head}
+    if head == "token_embd.weight":
+        model.tok_embeddings = Int8Embedding(codes, scales, dtype)
+        state.update({f"tok_embeddings.{k}": v for k, v in model.tok_embeddings.state_dict().items()})
+        if "output.weight" in f.tensors:  # untied head that stayed dense: left to the normal path
+            return done
+    model.output = Int8Linear(codes, scales)
+    state.update({f"output.{k}": v for k, v in model.output.state_dict().items()})
     return done

@@ -73,3 +73,20 @@ def dequantize(f: GGUFFile, name: str, dtype: torch.dtype) -> torch.Tensor:
         return dequantize_blocks(src, info.qtype).reshape(info.shape).to(dtype)
     arr = quants.dequantize(raw, info.qtype)
     return torch.from_numpy(np.ascontiguousarray(arr).reshape(info.shape)).to(dtype)
+
+
+def dequantize_rows(f: GGUFFile, name: str, start: int, end: int) -> torch.Tensor:
+    """Rows start..end-1 of a 2-D tensor as fp32, decoding only those rows' bytes."""
+    info = f.tensors[name]
+    row_bytes = info.nbytes // info.shape[0]
+    raw = f.raw(name)[start * row_bytes:end * row_bytes]
+    if info.qtype in _BLOCK_BYTES:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            src = torch.frombuffer(raw, dtype=torch.uint8)
+        return dequantize_blocks(src, info.qtype).view(end - start, -1)
+    if info.qtype in (Q.F32, Q.F16, Q.BF16) or info.qtype in SUPPORTED:
+        np_dtype = {Q.F32: np.float32, Q.F16: np.float16}.get(info.qtype)
+        arr = raw.view(np_dtype) if np_dtype is not None else quants.dequantize(raw, info.qtype)
+        return torch.from_numpy(np.array(arr, np.float32)).view(end - start, -1)
+    raise UnsupportedError(f"tensor {name} has GGML type {info.qtype.name}, which leanlm does not support yet")

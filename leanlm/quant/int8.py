@@ -1,0 +1,57 @@
+"""Per-row int8 weights on PyTorch's CPU int8 kernel: used for the output head and its tied embedding.
+
+The head is the largest matrix read per decoded token (Gemma 3: 262144 x 640). Each row is requantized
+symmetrically to int8 with a bf16 scale (codes computed against the rounded scale, so the kernel's
+dequantization q * scale is exactly what was intended); the error is at most half a step per weight.
+`aten._weight_int8pack_mm` wants bf16 activations.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+ROWS_PER_STEP = 16384  # rows decoded at a time, to bound load-time memory
+
+
+def quantize_rows(n_rows: int, rows: Callable[[int, int], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes (N, K) int8, scales (N,) bf16) from fp32 row blocks rows(start, end)."""
+    codes, scales = [], []
+    for s in range(0, n_rows, ROWS_PER_STEP):
+        w = rows(s, min(s + ROWS_PER_STEP, n_rows))  # (n, K) fp32
+        scale = (w.abs().amax(1) / 127).clamp(min=1e-12).to(torch.bfloat16)
+        codes.append(torch.round(w / scale.float()[:, None]).clamp(-127, 127).to(torch.int8))
+        scales.append(scale)
+    return torch.cat(codes), torch.cat(scales)
+
+
+class Int8Linear(nn.Module):
+    def __init__(self, codes: torch.Tensor, scales: torch.Tensor) -> None:
+        super().__init__()
+        self.out_features, self.in_features = codes.shape
+        self.register_buffer("codes", codes)  # (N, K) int8
+        self.register_buffer("scales", scales)  # (N,) bf16
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xb = x.reshape(-1, self.in_features).to(torch.bfloat16)  # (M, K)
+        y = torch.ops.aten._weight_int8pack_mm(xb, self.codes, self.scales)  # (M, N)
+        return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
+
+
+class Int8Embedding(nn.Module):
+    """Embedding lookup from int8 rows (shares codes and scales with a tied Int8Linear head)."""
+
+    def __init__(self, codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.register_buffer("codes", codes)
+        self.register_buffer("scales", scales)
+        self.dtype = dtype
+
+    @property
+    def weight(self) -> torch.Tensor:  # for callers that ask the embedding for the device and dtype
+        return self.scales.new_empty(0, dtype=self.dtype)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return (self.codes[ids].to(self.dtype) * self.scales[ids, None].to(self.dtype))  # (B, T, D)
