@@ -51,9 +51,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, window: int | None) -> None:
+    def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.cfg, self.window = cfg, window
+        self.cfg = cfg
         H, KV, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.wq = nn.Linear(cfg.dim, H * hd, bias=cfg.attn_bias)
         self.wk = nn.Linear(cfg.dim, KV * hd, bias=cfg.attn_bias)
@@ -119,7 +119,7 @@ class Block(nn.Module):
         super().__init__()
         self.window = cfg.layer_windows[layer]
         self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps, cfg.norm_add_one)
-        self.attn = Attention(cfg, self.window)
+        self.attn = Attention(cfg)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps, cfg.norm_add_one)
         self.ffn = MoE(cfg) if cfg.moe is not None else FeedForward(cfg)
         self.post_norms = cfg.post_norms
