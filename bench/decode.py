@@ -77,7 +77,7 @@ def run_leanlm(path: str, ids: list[int], gen: int, threads: int, dtype: str) ->
     stats = GenStats()
     out = list(generate_ids(llm.model, ids, greedy, gen, stop_ids=frozenset(), stats=stats))
     return {"engine": "leanlm", "version": _leanlm_version(), "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "dtype": str(llm.model.tok_embeddings.weight.dtype),
+            "threads": torch.get_num_threads(), "dtype": str(llm.model.dtype),
             "load_s": load_s, "prompt_tokens": stats.prompt_tokens, "gen_tokens": len(out),
             "prefill_s": stats.prefill_s, "decode_s": stats.decode_s,
             "prefill_tps": stats.prefill_tps, "decode_tps": stats.decode_tps,

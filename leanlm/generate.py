@@ -68,13 +68,13 @@ def generate_ids(model: Transformer, prompt: Sequence[int], sampler: Sampler, ma
     if max_tokens <= 0:
         stats.finish_reason = "length"
         return
-    device = model.tok_embeddings.weight.device
-    dtype = model.tok_embeddings.weight.dtype
-    cache = ModelCache(cfg, 1, n + max_tokens, chunk, dtype, device)
-    history = torch.tensor([list(prompt)], device=device)
+    device = model.device
+    cache = ModelCache(cfg, 1, n + max_tokens, chunk, model.dtype, device)
+    history = torch.empty(1, n + max_tokens, dtype=torch.long, device=device)  # prompt, then generated tokens
+    history[0, :n] = torch.tensor(list(prompt), device=device)
     t0 = time.perf_counter()
-    logits = prefill(model, cache, history, 0, chunk)
-    tok = sampler(logits, history)
+    logits = prefill(model, cache, history[:, :n], 0, chunk)
+    tok = sampler(logits, history[:, :n])
     stats.prefill_s = time.perf_counter() - t0
     t1 = time.perf_counter()
     for i in range(max_tokens):
@@ -87,9 +87,9 @@ def generate_ids(model: Transformer, prompt: Sequence[int], sampler: Sampler, ma
             return
         if i == max_tokens - 1:
             break
-        history = torch.cat([history, tok.view(1, 1)], dim=1)
         pos = n + i
+        history[0, pos] = tok[0]
         cache.kv_len = pos + 1
         logits = model(tok.view(1, 1), torch.tensor([[pos]], device=device), cache)[:, -1]
-        tok = sampler(logits, history)
+        tok = sampler(logits, history[:, :pos + 1])
     stats.finish_reason = "length"

@@ -60,7 +60,7 @@ class LLM:
     # --- generation ----------------------------------------------------------------------
     def generate_from_ids(self, ids: Sequence[int], params: SamplingParams) -> Iterator[str]:
         tok = self.tokenizer
-        gen = torch.Generator(device=self.model.tok_embeddings.weight.device)
+        gen = torch.Generator(device=self.model.device)
         if params.seed is not None:
             gen.manual_seed(params.seed)
         else:
@@ -100,7 +100,7 @@ class LLM:
     @torch.inference_mode()
     def logits(self, ids: Sequence[int]) -> torch.Tensor:
         """fp32 logits (T, V) of one forward pass over ids (no cache)."""
-        t = torch.tensor([list(ids)], device=self.model.tok_embeddings.weight.device)
+        t = torch.tensor([list(ids)], device=self.model.device)
         return self.model(t, torch.arange(t.shape[1], device=t.device)[None])[0]
 
 

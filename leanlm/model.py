@@ -144,6 +144,15 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps, cfg.norm_add_one)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
 
+    @property
+    def device(self) -> torch.device:
+        return self.norm.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The compute dtype (quantized modules keep their own storage types)."""
+        return self.norm.weight.dtype
+
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: ModelCache | None = None,
                 last_only: bool = False) -> torch.Tensor:
         """tokens, positions: (B, T) -> logits (B, T, vocab) in fp32 ((B, 1, vocab) if last_only).

@@ -60,8 +60,7 @@ def _window_logits(model: Transformer, ids: torch.Tensor, lo: int, hi: int,
     """Run one window ids (1, ctx) from an empty cache in sub-chunks; yield (start, logits (n, V)) for the
     rows in [lo, hi) only, sub-chunk by sub-chunk (the whole window's logits are never held at once)."""
     ctx = ids.shape[1]
-    w = model.tok_embeddings.weight
-    cache = ModelCache(model.cfg, 1, ctx, batch_chunk, w.dtype, w.device)
+    cache = ModelCache(model.cfg, 1, ctx, batch_chunk, model.dtype, model.device)
     for s in range(0, ctx, batch_chunk):
         e = min(s + batch_chunk, ctx)
         pos = torch.arange(s, e, device=ids.device)[None]  # (1, n)
@@ -125,7 +124,7 @@ def perplexity(llm: LLM, text: str, ctx: int = 512, *, reference: LLM | None = N
                           "use a longer text or a smaller ctx")
     if max_chunks is not None:
         n_chunks = min(n_chunks, max(max_chunks, 1))
-    device = model.tok_embeddings.weight.device
+    device = model.device
     all_ids = torch.tensor(tokens[:n_chunks * ctx], device=device).view(n_chunks, ctx)  # (n_chunks, ctx)
     if add_bos:
         all_ids[:, 0] = tok.bos_id

@@ -47,12 +47,6 @@ class Int4Linear(nn.Module):
             y = y + self.bias
         return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
 
-    def dequantized(self) -> torch.Tensor:
-        """The weight (N, K) in fp32, as the kernel sees it (for tests and fallbacks)."""
-        eye = torch.eye(self.in_features, dtype=torch.bfloat16)
-        w = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.packed, GROUP, self.scales_zeros)  # (K, N)
-        return w.t().float()
-
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, group={GROUP}"
 

@@ -49,9 +49,5 @@ class Int8Embedding(nn.Module):
         self.register_buffer("scales", scales)
         self.dtype = dtype
 
-    @property
-    def weight(self) -> torch.Tensor:  # for callers that ask the embedding for the device and dtype
-        return self.scales.new_empty(0, dtype=self.dtype)
-
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return (self.codes[ids].to(self.dtype) * self.scales[ids, None].to(self.dtype))  # (B, T, D)
