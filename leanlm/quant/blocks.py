@@ -1,0 +1,70 @@
+"""GGUF block formats as quantizers: fit per-group parameters, choose codes, pack bytes.
+
+Every format we write decodes, per group of `group` consecutive weights in a row, as
+
+    w = scale * code + offset            code an integer in 0..qmax
+
+(Q4_0: scale d, offset -8 d; Q4_K: scale d*sc_j, offset -dmin*m_j; ...). Quantizing is split in
+three steps so that round-to-nearest (RTN), GPTQ and AWQ share them:
+
+    fit   = fmt.fit(w)                    # per-group scale/offset, as llama.cpp's reference quantizer
+    codes = fmt.codes(w, scale, offset)   # elementwise rounding; GPTQ calls it column by column
+    raw   = fmt.pack(codes, fit)          # (N, row_bytes) uint8, the GGUF tensor data
+
+`scale`/`offset` passed to `codes` are the fit's per-group values repeated per column
+(`expand(fit.scale, fmt.group)`), so a column slice can be rounded on its own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType
+
+
+@dataclass
+class Fit:
+    scale: torch.Tensor  # (N, K // group) fp32, the effective scale after any sub-scale quantization
+    offset: torch.Tensor  # (N, K // group) fp32
+    fields: dict[str, torch.Tensor] = field(default_factory=dict)  # raw block fields the packer writes
+
+
+class BlockFormat(Protocol):
+    qtype: GGMLQuantizationType
+    group: int  # weights sharing one (scale, offset)
+    block: int  # weights per GGUF block (32, or 256 for k-quants); K must be a multiple
+    qmax: int  # codes are 0..qmax
+
+    def fit(self, w: torch.Tensor) -> Fit: ...
+    def codes(self, w: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor: ...
+    def pack(self, codes: torch.Tensor, fit: Fit) -> np.ndarray: ...
+
+
+def expand(per_group: torch.Tensor, group: int) -> torch.Tensor:
+    """(N, G) -> (N, G * group): each group's value repeated for its columns."""
+    return per_group.repeat_interleave(group, dim=1)
+
+
+def dequant(codes: torch.Tensor, fit: Fit, group: int) -> torch.Tensor:
+    """fp32 weights the packed tensor decodes to."""
+    return codes.float() * expand(fit.scale, group) + expand(fit.offset, group)
+
+
+def get_format(qtype: GGMLQuantizationType) -> BlockFormat:
+    """The quantizer for `qtype` (legacy.py: Q8_0, Q4_0, Q4_1, Q5_0, Q5_1; kquants.py: Q4_K, Q5_K, Q6_K)."""
+    from .kquants import KQUANT_FORMATS
+    from .legacy import LEGACY_FORMATS
+
+    formats = {**LEGACY_FORMATS, **KQUANT_FORMATS}
+    if qtype not in formats:
+        raise ValueError(f"leanlm cannot write GGML type {qtype.name} (it can write {', '.join(q.name for q in formats)})")
+    return formats[qtype]
+
+
+def quantize_rtn(w: torch.Tensor, fmt: BlockFormat) -> np.ndarray:
+    """Round-to-nearest: the GGUF bytes of fp32 `w` (N, K) in format `fmt`."""
+    fit = fmt.fit(w)
+    return fmt.pack(fmt.codes(w, expand(fit.scale, fmt.group), expand(fit.offset, fmt.group)), fit)
