@@ -8,11 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from gguf import GGMLQuantizationType, quants
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, quants
 
 import leanlm
 from leanlm.gguf_file import GGUFFile
-from leanlm.quant.int4 import INT4_TYPES, Int4Linear, dense_reference, int4_parts
+from leanlm.quant.int4 import Int4Linear
+from leanlm.quant.repack import REPACKED, int4_parts, repack
 
 Q = GGMLQuantizationType
 
@@ -22,35 +23,47 @@ def _reference(f: GGUFFile, name: str) -> torch.Tensor:
     return torch.from_numpy(np.array(quants.dequantize(f.raw(name), info.qtype), np.float32).reshape(info.shape))
 
 
-@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1])
-def test_random_legacy_blocks_decode_exactly(qtype: GGMLQuantizationType, tmp_path: Path) -> None:
-    from gguf import GGUFWriter
-
-    x = np.random.default_rng(0).normal(size=(48, 256)).astype(np.float32)
-    w = GGUFWriter(str(tmp_path / "t.gguf"), "llama")
-    w.add_tensor("t", quants.quantize(x, qtype), raw_dtype=qtype)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    f = GGUFFile(tmp_path / "t.gguf")
-    assert torch.equal(dense_reference(*int4_parts(f, "t")), _reference(f, "t"))
+# where each k-quant keeps its fp16 super-block scales (byte offsets), so random bytes can be made valid
+_HALVES = {Q.Q2_K: (80, 82), Q.Q3_K: (108,), Q.Q4_K: (0, 2), Q.Q5_K: (0, 2), Q.Q6_K: (208,)}
 
 
-def test_real_q4_1_and_q4_k_tensors_decode_exactly(smol_path: Path, gemma_path: Path) -> None:
+def _random_tensor(qtype: GGMLQuantizationType, n: int, k: int) -> np.ndarray:
+    """GGUF bytes of an (n, k) tensor: the reference quantizer's output, or random k-quant blocks."""
+    rng = np.random.default_rng(int(qtype))
+    if qtype not in _HALVES:
+        return quants.quantize(rng.normal(size=(n, k)).astype(np.float32), qtype)
+    block, size = GGML_QUANT_SIZES[qtype]
+    raw = rng.integers(0, 256, size=(n * k // block, size), dtype=np.uint8)
+    for off in _HALVES[qtype]:
+        raw[:, off:off + 2] = rng.uniform(-0.02, 0.02, size=(len(raw), 1)).astype(np.float16).view(np.uint8)
+    return raw.reshape(n, -1)
+
+
+@pytest.mark.parametrize("qtype", REPACKED)
+def test_every_block_type_repacks_exactly(qtype: GGMLQuantizationType) -> None:
+    raw = _random_tensor(qtype, 48, 512)
+    ref = torch.from_numpy(np.array(quants.dequantize(raw, qtype), np.float32))
+    parts = repack(torch.from_numpy(raw.reshape(-1).copy()), qtype, 48, 512)
+    assert (parts.dense() - ref).abs().max() <= 1e-6 * ref.abs().max()  # exact up to fp32 rounding of 8 s - m
+    x = torch.randn(5, 512)
+    y = Int4Linear(parts)(x)
+    exact = x @ ref.t()
+    assert (y - exact).abs().max() < 0.02 * exact.abs().max()  # bf16 activations and scales
+
+
+def test_real_tensors_repack_exactly(smol_path: Path, gemma_path: Path) -> None:
     seen = set()
     for path in (smol_path, gemma_path):
         f = GGUFFile(path)
         for name, info in f.tensors.items():
-            if info.qtype in INT4_TYPES and info.qtype not in seen:
+            if info.qtype in REPACKED and info.qtype not in seen and info.shape[0] < 10000:
                 seen.add(info.qtype)
                 parts = int4_parts(f, name)
-                assert torch.equal(dense_reference(*parts), _reference(f, name))
-                lin = Int4Linear(*parts)
+                assert torch.equal(parts.dense(), _reference(f, name))
                 x = torch.randn(5, info.shape[1])
                 ref = x @ _reference(f, name).t()
-                assert (lin(x) - ref).abs().max() < 0.02 * ref.abs().max()  # bf16 activations and scales
-    assert seen == {Q.Q4_1, Q.Q4_K}
+                assert (Int4Linear(parts)(x) - ref).abs().max() < 0.02 * ref.abs().max()
+    assert seen == {Q.Q4_1, Q.Q4_K, Q.Q5_0, Q.Q6_K, Q.Q8_0}
 
 
 def test_auto_dtype_keeps_4bit_weights_quantized(smol_path: Path) -> None:

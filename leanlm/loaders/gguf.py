@@ -13,8 +13,8 @@ from ..errors import UnsupportedError
 from ..gguf_file import GGUFFile
 from ..model import Transformer
 from ..quant.dequant import dequantize, dequantize_rows
-from ..quant.int4 import INT4_TYPES, int4_linear
 from ..quant.int8 import Int8Embedding, Int8Linear, quantize_rows
+from ..quant.repack import REPACKED, int4_linear
 from .common import compile_names, finish, place
 
 SUPPORTED_ARCHS = ("llama", "gemma3", "qwen2", "phi3")
@@ -104,8 +104,9 @@ def load_gguf_model(f: GGUFFile, dtype: torch.dtype, device: str | torch.device 
                     quantized: bool = False) -> Transformer:
     """Build the model on the meta device, then assign each weight in place.
 
-    quantized: keep 4-bit weights (Q4_0, Q4_1, Q4_K) quantized as `Int4Linear` modules (CPU kernel);
-    everything else is dequantized to `dtype`.
+    quantized: keep block-quantized Linear weights quantized as `Int4Linear` modules (CPU int4 kernel,
+    repacked exactly; see quant/repack.py) and the output head as per-row int8; norms, F16/F32 weights
+    and anything else are used as `dtype`.
     """
     cfg = config_from_gguf(f)
     with torch.device("meta"):
@@ -128,10 +129,10 @@ def load_gguf_model(f: GGUFFile, dtype: torch.dtype, device: str | torch.device 
 
 
 def _swap_int4_linears(f: GGUFFile, model: Transformer, mapper: Any, state: dict[str, torch.Tensor]) -> set[str]:
-    """Replace each Linear whose GGUF weight is 4-bit by an Int4Linear; return the GGUF names consumed."""
+    """Replace each Linear whose GGUF weight is block-quantized by an Int4Linear; return the GGUF names consumed."""
     done: set[str] = set()
     for name, info in f.tensors.items():
-        targets = mapper(name) if info.qtype in INT4_TYPES else None
+        targets = mapper(name) if info.qtype in REPACKED else None
         if not targets or len(targets) != 1 or not targets[0].endswith(".weight"):
             continue
         path = targets[0][: -len(".weight")]

@@ -60,7 +60,8 @@ def get_format(qtype: GGMLQuantizationType) -> BlockFormat:
 
     formats = {**LEGACY_FORMATS, **KQUANT_FORMATS}
     if qtype not in formats:
-        raise ValueError(f"leanlm cannot write GGML type {qtype.name} (it can write {', '.join(q.name for q in formats)})")
+        names = ", ".join(q.name for q in formats)
+        raise ValueError(f"leanlm cannot write GGML type {qtype.name} (it can write {names})")
     return formats[qtype]
 
 
