@@ -94,9 +94,13 @@ class GGUFFile:
             raise UnsupportedError(f"unsupported GGUF version {self.version} in {self.path}")
         n_tensors, n_kv = cur.take("<Q"), cur.take("<Q")
         self.metadata: dict[str, Any] = {}
+        self.value_types: dict[str, tuple[int, int | None]] = {}  # key -> (GGUF value type, array item type)
         for _ in range(n_kv):
             key = cur.string()
-            self.metadata[key] = cur.value(cur.take("<I"))
+            vtype = cur.take("<I")
+            item = struct.unpack_from("<I", cur.buf, cur.pos)[0] if vtype == _ARRAY else None
+            self.value_types[key] = (vtype, item)
+            self.metadata[key] = cur.value(vtype)
         raw = []
         for _ in range(n_tensors):
             name = cur.string()

@@ -8,11 +8,9 @@ Every format we write decodes, per group of `group` consecutive weights in a row
 three steps so that round-to-nearest (RTN), GPTQ and AWQ share them:
 
     fit   = fmt.fit(w)                    # per-group scale/offset, as llama.cpp's reference quantizer
-    codes = fmt.codes(w, scale, offset)   # elementwise rounding; GPTQ calls it column by column
+    codes = fmt.codes(w, fit)             # rounding to the fitted groups
+    codes = fmt.codes(w[:, c], fit, c)    # ... of columns c only (GPTQ rounds one column at a time)
     raw   = fmt.pack(codes, fit)          # (N, row_bytes) uint8, the GGUF tensor data
-
-`scale`/`offset` passed to `codes` are the fit's per-group values repeated per column
-(`expand(fit.scale, fmt.group)`), so a column slice can be rounded on its own.
 """
 
 from __future__ import annotations
@@ -39,7 +37,7 @@ class BlockFormat(Protocol):
     qmax: int  # codes are 0..qmax
 
     def fit(self, w: torch.Tensor) -> Fit: ...
-    def codes(self, w: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor: ...
+    def codes(self, w: torch.Tensor, fit: Fit, cols: torch.Tensor | None = None) -> torch.Tensor: ...
     def pack(self, codes: torch.Tensor, fit: Fit) -> np.ndarray: ...
 
 
@@ -68,4 +66,4 @@ def get_format(qtype: GGMLQuantizationType) -> BlockFormat:
 def quantize_rtn(w: torch.Tensor, fmt: BlockFormat) -> np.ndarray:
     """Round-to-nearest: the GGUF bytes of fp32 `w` (N, K) in format `fmt`."""
     fit = fmt.fit(w)
-    return fmt.pack(fmt.codes(w, expand(fit.scale, fmt.group), expand(fit.offset, fmt.group)), fit)
+    return fmt.pack(fmt.codes(w, fit), fit)

@@ -22,6 +22,8 @@ import torch
 from gguf import GGMLQuantizationType
 from torch import nn
 
+from .dequant import _k4_scales as _k4_scales  # re-exported: moved to dequant.py
+
 Q = GGMLQuantizationType
 INT4_TYPES = (Q.Q4_0, Q.Q4_1, Q.Q4_K)
 GROUP = 32
@@ -81,12 +83,3 @@ class Int4Linear(nn.Module):
     def extra_repr(self) -> str:
         planes = "" if self.mults is None else f", planes={self.mults.numel()}x{self.g}"
         return f"in_features={self.in_features}, out_features={self.out_features}, group={GROUP}{planes}"
-
-
-def _k4_scales(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Q4_K's 12 packed bytes per super-block -> 8 six-bit scales and 8 six-bit mins, (B, 8) each."""
-    s = s.int()
-    lo_sc, lo_m = s[:, 0:4] & 63, s[:, 4:8] & 63
-    hi_sc = (s[:, 8:12] & 0xF) | ((s[:, 0:4] >> 6) << 4)
-    hi_m = (s[:, 8:12] >> 4) | ((s[:, 4:8] >> 6) << 4)
-    return torch.cat([lo_sc, hi_sc], 1), torch.cat([lo_m, hi_m], 1)
