@@ -116,6 +116,14 @@ def cmd_perplexity(a: argparse.Namespace) -> None:
         print(f"mean KL vs reference {r.kl_mean:.6f}, top-1 agreement {100 * (r.top1_agree or 0):.2f}%")
 
 
+def cmd_quantize(a: argparse.Namespace) -> None:
+    from .quantize import quantize
+
+    r = quantize(a.src, a.dst, a.type, method=a.method, calibration=a.calibration, calib_tokens=a.calib_tokens,
+                 progress=True)
+    print(r.summary())
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="leanlm", description="A lean, fast LLM runtime.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -148,6 +156,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--reference", default=None, help="also report KL divergence and top-1 agreement vs this model")
     s.add_argument("--json", action="store_true", help="print one JSON object")
     s.set_defaults(fn=cmd_perplexity)
+    from .quantize import METHODS, TYPES
+
+    s = sub.add_parser("quantize", help="write a GGUF file (llama.cpp reads it too) in a quantized type")
+    s.add_argument("src", help="registry name, .gguf file (any type) or checkpoint folder")
+    s.add_argument("dst", help="output .gguf path")
+    s.add_argument("--type", default="q4_0", choices=list(TYPES), help="type of the weight matrices (default q4_0)")
+    s.add_argument("--method", default="rtn", choices=METHODS, help="round-to-nearest, GPTQ or AWQ (default rtn)")
+    s.add_argument("--calibration", default=None, help="UTF-8 text file for gptq/awq")
+    s.add_argument("--calib-tokens", type=int, default=8192, help="calibration tokens to use (default 8192)")
+    s.set_defaults(fn=cmd_quantize)
     return p
 
 

@@ -113,8 +113,10 @@ def quantize(src: str | Path, dst: str | Path, qtype: str = "q4_0", method: str 
     from .loaders import load_model
     from .loaders.gguf import _MAPPERS
 
+    from .hub import resolve_model
+
     t0 = time.perf_counter()
-    src, dst = Path(src), Path(dst)
+    src, dst = resolve_model(str(src), progress=progress), Path(dst)
     if qtype not in TYPES:
         raise LeanLMError(f"unknown type '{qtype}' (choose from {', '.join(TYPES)})")
     if method not in METHODS:
@@ -122,8 +124,10 @@ def quantize(src: str | Path, dst: str | Path, qtype: str = "q4_0", method: str 
     target = TYPES[qtype]
     if method != "rtn" and (target in _FLOAT or calibration is None):
         raise LeanLMError(f"--method {method} needs a quantized --type and a --calibration text file")
-    if not src.exists():
-        raise LeanLMError(f"no such checkpoint: {src}")
+    if dst.resolve() == src.resolve():
+        raise LeanLMError("the output path is the source checkpoint; choose another")
+    if calibration is not None and not Path(calibration).is_file():
+        raise LeanLMError(f"no such calibration file: {calibration}")
     model, tok = load_model(src, torch.float32)
     cfg = model.cfg
     if cfg.arch not in GGUF_ARCH:
