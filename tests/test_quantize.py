@@ -139,3 +139,35 @@ def test_llamacpp_reads_our_q4_0_file(smol_path: Path, tmp_path: Path) -> None:
     top1 = (ours.argmax(-1) == theirs.argmax(-1)).float().mean()
     assert top1 >= 0.9  # llama.cpp quantizes activations to 8 bits inside its dot products
     assert (ours - theirs).abs().mean() < 0.1 * ours.abs().mean()
+
+
+@torch.inference_mode()
+def test_hf_folder_source_keeps_tokenizer_and_model(tmp_path: Path) -> None:
+    transformers = pytest.importorskip("transformers")
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from tiny_tokenizer import write_tiny_tokenizer
+
+    folder = tmp_path / "hf"
+    cfg = transformers.MistralConfig(vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, sliding_window=16,
+                                     initializer_range=0.2, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    transformers.MistralForCausalLM(cfg).save_pretrained(folder)
+    write_tiny_tokenizer(folder, kind="bytelevel", vocab_size=512)
+    out = tmp_path / "q8.gguf"
+    quantize(folder, out, "q8_0", progress=False)
+    hf, ours = leanlm.load(folder, dtype="float32"), leanlm.load(out, dtype="float32")
+    text = "def greet(name): return 'hello ' + name  # 123 éü"
+    assert ours.tokenizer.encode(text) == hf.tokenizer.encode(text)
+    assert ours.chat_prompt([{"role": "user", "content": "hi"}]) == hf.chat_prompt([{"role": "user", "content": "hi"}])
+    ids = torch.tensor([hf.tokenizer.encode(text)])
+    pos = torch.arange(ids.shape[1])[None]
+    a, b = hf.model(ids, pos), ours.model(ids, pos)
+    sa, sb = hf.model.state_dict(), ours.model.state_dict()
+    for name, w in sa.items():  # q8_0 rounding only: ~0.5% per matrix (the f32 file matches to 1e-5)
+        if ".wq." in name or ".wk." in name:
+            continue  # GGUF llama keeps q/k rows in rotary-pair order, a permutation of these
+        assert (w - sb[name]).norm() <= 0.01 * w.norm(), name
+    assert (a - b).abs().mean() < 0.05 * a.abs().mean()  # a random 2-layer model amplifies it ~6x
