@@ -107,6 +107,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--workdir", default="/tmp/leanlm-quant-quality")
     ap.add_argument("--no-speed", action="store_true")
+    ap.add_argument("--speed-only", action="store_true", help="add speed to the rows of an existing OUT.json")
     ap.add_argument("--schemes", default=None, help="comma-separated labels to run (default all)")
     ap.add_argument("--out", default=str(ROOT / "docs/quantization"))
     args = ap.parse_args()
@@ -118,6 +119,13 @@ def main() -> None:
     from leanlm.quantize import quantize
 
     torch.set_num_threads(args.threads)
+    if args.speed_only:
+        saved = json.loads(Path(args.out).with_suffix(".json").read_text())
+        for row in saved["rows"]:
+            row["speed"] = measure_speed(Path(row["file"]), args.threads)
+            print(json.dumps(row), flush=True)
+        write_outputs(saved["rows"], saved["meta"], Path(args.out))
+        return
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     src = resolve_model(args.model)

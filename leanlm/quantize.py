@@ -110,10 +110,9 @@ def quantize(src: str | Path, dst: str | Path, qtype: str = "q4_0", method: str 
     from tqdm import tqdm
 
     from .export_gguf import GGUF_ARCH, gguf_tensors, write_metadata
+    from .hub import resolve_model
     from .loaders import load_model
     from .loaders.gguf import _MAPPERS
-
-    from .hub import resolve_model
 
     t0 = time.perf_counter()
     src, dst = resolve_model(str(src), progress=progress), Path(dst)
@@ -141,16 +140,16 @@ def quantize(src: str | Path, dst: str | Path, qtype: str = "q4_0", method: str 
 
     shapes = {n: tuple(t.shape) for n, t in gguf_tensors(model, arch).items()}
     types = {n: tensor_type(n, s, target, cfg.tie_embeddings) for n, s in shapes.items()}
+    from .quant import calibrate
+
     hessians: dict[str, torch.Tensor] = {}
     if method != "rtn":
-        from .quant import calibrate
-
         text = Path(calibration).read_text(encoding="utf-8")  # type: ignore[arg-type]
         bos = tok.bos_id if getattr(tok, "add_bos", False) else None
         batches = calibrate.windows(tok.encode(text, add_bos=False), seq_len, calib_tokens, bos)
         if not batches:
             raise LeanLMError(f"calibration text {calibration} is too short")
-        names = list(calibrate.linears(model))
+        names = sorted({calibrate.input_owner(n) for n in calibrate.linears(model)})
         hessians, inputs = calibrate.collect(model, batches, names, hessians=method == "gptq",
                                              max_inputs=512 if method == "awq" else 0, progress=progress)
         if method == "awq":
@@ -173,7 +172,7 @@ def quantize(src: str | Path, dst: str | Path, qtype: str = "q4_0", method: str 
     tensors = gguf_tensors(model, arch)
     for name, t in tqdm(tensors.items(), desc=f"quantizing to {qtype}", unit="tensor", disable=not progress):
         mod = module_of(name)
-        H = hessians.get(mod) if mod is not None and types[name] not in _FLOAT else None
+        H = hessians.get(calibrate.input_owner(mod)) if mod is not None and types[name] not in _FLOAT else None
         data = _pack(t.detach(), types[name], H)
         w.add_tensor(name, data, raw_dtype=types[name] if data.dtype == np.uint8 else None)
         report.types[name] = types[name].name

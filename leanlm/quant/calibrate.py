@@ -32,6 +32,18 @@ def linears(model: Transformer) -> dict[str, nn.Linear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith("layers.")}
 
 
+# Linears that read the same input as another: their statistics are gathered once, under that one's name
+SAME_INPUT = {".attn.wk": ".attn.wq", ".attn.wv": ".attn.wq", ".ffn.w3": ".ffn.w1"}
+
+
+def input_owner(name: str) -> str:
+    """The module whose recorded input `name` reads (itself, or q for k/v, gate for up)."""
+    for suffix, owner in SAME_INPUT.items():
+        if name.endswith(suffix):
+            return name[: -len(suffix)] + owner
+    return name
+
+
 @torch.no_grad()
 def collect(model: Transformer, batches: Iterable[torch.Tensor], names: Iterable[str], hessians: bool = True,
             max_inputs: int = 0, progress: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
