@@ -124,6 +124,12 @@ def cmd_quantize(a: argparse.Namespace) -> None:
     print(r.summary())
 
 
+def cmd_bench(a: argparse.Namespace) -> None:
+    from .bench import bench_main
+
+    bench_main(a)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="leanlm", description="A lean, fast LLM runtime.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -166,6 +172,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--calibration", default=None, help="UTF-8 text file for gptq/awq")
     s.add_argument("--calib-tokens", type=int, default=8192, help="calibration tokens to use (default 8192)")
     s.set_defaults(fn=cmd_quantize)
+    s = sub.add_parser("bench", help="prefill/decode speed, time to first token, memory, bandwidth (vs llama.cpp)")
+    _add_model(s, optional=True)
+    s.add_argument("--prompt-tokens", type=int, default=256, help="synthetic prompt length (default 256)")
+    s.add_argument("--gen-tokens", type=int, default=128, help="greedy tokens per sequence, EOS ignored (default 128)")
+    s.add_argument("--batch", default="1", help="batch sizes to decode, comma-separated, e.g. 1,8,32 (default 1)")
+    s.add_argument("--compare", default=None, metavar="llama.cpp", help="also run llama-cpp-python on the same GGUF")
+    s.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    s.add_argument("--plot", default=None, metavar="FILE.png", help="plot decode tok/s against batch size")
+    s.add_argument("--price-per-hour", type=float, default=None, metavar="USD",
+                   help="machine price: report USD per million generated tokens")
+    s.set_defaults(fn=cmd_bench)
     return p
 
 
