@@ -10,7 +10,8 @@ The float reference is made by dequantizing the shipped file to F32 (`leanlm qua
 measured on the fp32 path (exact dequantized weights) with `leanlm.perplexity.perplexity(..., reference=
 float model)`; llama.cpp's perplexity of the same file (when llama-cpp-python is installed) checks that it
 reads our files as we do. Speed uses bench/decode.py's subprocess runs (256-token prompt, 128 greedy tokens,
-2 threads, leanlm's default auto dtype). Writes OUT.md (table), OUT.json and OUT.png (perplexity vs size).
+2 threads, leanlm's default auto dtype). Prints the markdown table; writes OUT.json and OUT.png (perplexity
+vs size).
 """
 
 from __future__ import annotations
@@ -75,7 +76,6 @@ def write_outputs(rows: list[dict[str, Any]], meta: dict[str, Any], out: Path) -
                       f"{s['leanlm']['peak_rss_mib']:.0f}" if "leanlm" in s else "-"]
         lines.append("| " + " | ".join(cells) + " |")
     table = "\n".join(lines)
-    out.with_suffix(".table.md").write_text(table + "\n")
     print(table)
     try:
         import matplotlib
