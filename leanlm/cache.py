@@ -43,6 +43,10 @@ class KVBuffer(nn.Module):
 
     def write(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store new keys/values at slots (B, T); k, v: (B, n_kv, T, hd)."""
+        if slots.shape[0] == 1:  # one sequence: a plain indexed copy along the slot axis
+            self.k.index_copy_(2, slots[0], k)
+            self.v.index_copy_(2, slots[0], v)
+            return
         idx = slots[:, None, :, None].expand_as(k)  # (B, n_kv, T, hd)
         self.k.scatter_(2, idx, k)
         self.v.scatter_(2, idx, v)

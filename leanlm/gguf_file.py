@@ -126,6 +126,26 @@ class GGUFFile:
     def architecture(self) -> str:
         return str(self.metadata.get("general.architecture", ""))
 
+    def release(self, name: str | None, start: int = 0, end: int | None = None) -> None:
+        """Unmap the file pages of bytes start..end of tensor `name` (None: the header) once converted.
+
+        Loaders copy what they read, so nothing reads those pages again; without this every page of the
+        file stays resident until the map is closed, on top of the converted weights (the page cache still
+        holds them). The range is widened by 256 KiB on both sides: a page fault also maps the file's
+        resident neighbours, which would otherwise stay mapped. Unmapping a page read later is harmless.
+        """
+        if not hasattr(self._mm, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        if name is None:
+            offset, nbytes = 0, min((t.offset for t in self.tensors.values()), default=len(self._mm))
+        else:
+            offset, nbytes = self.tensors[name].offset, self.tensors[name].nbytes
+        around = 256 << 10
+        lo = max(offset + start - around, 0) // mmap.PAGESIZE * mmap.PAGESIZE  # page-aligned start
+        hi = min(offset + (nbytes if end is None else end) + around, len(self._mm))
+        if hi > lo:
+            self._mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+
     def raw(self, name: str) -> np.ndarray:
         """The tensor's bytes as a read-only uint8 view of the memory map (no copy)."""
         info = self.tensors[name]

@@ -14,6 +14,7 @@ from .errors import LeanLMError
 from .generate import GenStats, generate_ids
 from .hub import DEFAULT_MODEL, resolve_model
 from .loaders import load_model
+from .loaders.common import release_memory
 from .model import Transformer
 from .sampling import SamplingParams, sample
 from .stops import StopStrings
@@ -117,4 +118,9 @@ def load(model: str | Path = DEFAULT_MODEL, *, dtype: str | torch.dtype = "auto"
     path = resolve_model(str(model), progress=progress)
     compute, quantized = resolve_dtype(dtype, device)
     m, tok = load_model(path, compute, device, quantized)
+    if quantized:
+        from .quant.fuse import fuse_projections
+
+        fuse_projections(m)  # q/k/v and gate/up as one matmul each: fewer kernel calls per token
+    release_memory()  # what the file's parsed header and the tokenizer's construction left in the heap
     return LLM(m, tok, path, prefill_chunk)

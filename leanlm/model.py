@@ -63,20 +63,29 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(hd, cfg.norm_eps, cfg.norm_add_one)
             self.k_norm = RMSNorm(hd, cfg.norm_eps, cfg.norm_add_one)
         self.scale = cfg.attn_scale if cfg.attn_scale is not None else hd**-0.5
+        self.wqkv: nn.Module | None = None  # q, k, v fused into one matmul (quant/fuse.py), else None
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor,
                 kv: KVBuffer | None, slots: torch.Tensor | None, kv_len: int) -> torch.Tensor:
         """mask (B, 1, T, S) from ModelCache.prepare (or causal over x alone without a cache)."""
         B, T, _ = x.shape
         cfg = self.cfg
-        q = self.wq(x).view(B, T, cfg.n_heads, cfg.head_dim)  # (B, T, H, hd)
-        k = self.wk(x).view(B, T, cfg.n_kv_heads, cfg.head_dim)  # (B, T, KV, hd)
-        v = self.wv(x).view(B, T, cfg.n_kv_heads, cfg.head_dim)
-        if cfg.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q = apply_rope(q, *rope, cfg.rope_interleaved).transpose(1, 2)  # (B, H, T, hd)
-        k = apply_rope(k, *rope, cfg.rope_interleaved).transpose(1, 2)  # (B, KV, T, hd)
-        v = v.transpose(1, 2)
+        H, KV, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        if self.wqkv is not None and not cfg.qk_norm:  # rotate q and k heads together: (B, T, H + KV, hd)
+            qkv = self.wqkv(x).view(B, T, H + 2 * KV, hd)
+            qk = apply_rope(qkv[:, :, :H + KV], *rope, cfg.rope_interleaved).transpose(1, 2)  # (B, H+KV, T, hd)
+            q, k, v = qk[:, :H], qk[:, H:], qkv[:, :, H + KV:].transpose(1, 2)
+        else:
+            if self.wqkv is not None:
+                q, k, v = self.wqkv(x).split([H * hd, KV * hd, KV * hd], dim=-1)
+            else:
+                q, k, v = self.wq(x), self.wk(x), self.wv(x)
+            q, k, v = q.view(B, T, H, hd), k.view(B, T, KV, hd), v.view(B, T, KV, hd)  # (B, T, heads, hd)
+            if cfg.qk_norm:
+                q, k = self.q_norm(q), self.k_norm(k)
+            q = apply_rope(q, *rope, cfg.rope_interleaved).transpose(1, 2)  # (B, H, T, hd)
+            k = apply_rope(k, *rope, cfg.rope_interleaved).transpose(1, 2)  # (B, KV, T, hd)
+            v = v.transpose(1, 2)
         if kv is not None:
             assert slots is not None
             kv.write(slots, k, v)
@@ -107,11 +116,15 @@ class FeedForward(nn.Module):
         self.w3 = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
         self.w2 = nn.Linear(cfg.hidden_dim, cfg.dim, bias=False)
         self.act = cfg.act
+        self.w13: nn.Module | None = None  # gate and up fused into one matmul (quant/fuse.py), else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        g = self.w1(x)
+        if self.w13 is not None:
+            g, u = self.w13(x).chunk(2, dim=-1)
+        else:
+            g, u = self.w1(x), self.w3(x)
         g = F.silu(g) if self.act == "silu" else F.gelu(g, approximate="tanh")
-        return self.w2(g * self.w3(x))
+        return self.w2(g * u)
 
 
 class Block(nn.Module):

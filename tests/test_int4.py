@@ -69,11 +69,13 @@ def test_real_tensors_repack_exactly(smol_path: Path, gemma_path: Path) -> None:
 def test_auto_dtype_keeps_4bit_weights_quantized(smol_path: Path) -> None:
     llm = leanlm.load(smol_path)  # dtype auto
     n_int4 = sum(isinstance(m, Int4Linear) for m in llm.model.modules())
-    assert n_int4 == 30 * 7  # every attention and MLP matrix of SmolLM2 is Q4_1
+    assert n_int4 == 30 * 4  # every attention and MLP matrix of SmolLM2 is Q4_1; q/k/v and gate/up fused
+    assert all(layer.attn.wqkv is not None and layer.ffn.w13 is not None for layer in llm.model.layers)
     dense = sum(p.numel() * p.element_size() for p in llm.model.parameters())
     int4 = [m for m in llm.model.modules() if isinstance(m, Int4Linear)]
     packed = sum(b.numel() * b.element_size() for m in int4 for b in m.buffers())
     weights = sum(m.in_features * m.out_features for m in int4)
+    assert weights == 30 * (576 * (576 + 2 * 192) + 576 * 576 + 3 * 576 * 1536)
     assert packed < 0.7 * weights  # 0.5 byte per weight + bf16 scale and zero per 32, not 2 or 4 bytes
     assert dense < 1e6  # only norms stay dense: the tied head/embedding is int8 (Int8Linear + Int8Embedding)
     assert type(llm.model.output).__name__ == "Int8Linear"
@@ -93,3 +95,16 @@ def test_int8_head_rows_are_within_half_a_step(smol_path: Path) -> None:
     assert (Int8Linear(codes, scales)(x) - ref).abs().max() < 0.02 * ref.abs().max()
     emb = Int8Embedding(codes, scales, torch.float32)(torch.tensor([[0, 999]]))
     assert (emb[0] - w[[0, 999]]).abs().max() <= scales.float().max()
+
+
+@torch.inference_mode()
+def test_fused_projections_compute_exactly_the_same(gemma_path: Path) -> None:
+    from leanlm.loaders import load_model
+    from leanlm.quant.fuse import fuse_projections
+
+    model, tok = load_model(gemma_path, torch.bfloat16, "cpu", True)  # as leanlm.load, before fusing
+    ids = torch.tensor([tok.encode("Fusing q, k and v changes no number.")])
+    pos = torch.arange(ids.shape[1])[None]
+    plain = model(ids, pos)
+    assert fuse_projections(model) == 2 * model.cfg.n_layers  # Gemma's q/k/v (Q5_0 / Q8_0 planes), gate/up
+    assert torch.equal(model(ids, pos), plain)

@@ -7,14 +7,22 @@ or one expert of a stacked tensor as `name[{e}]` (Mixtral's per-expert HF tensor
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import ctypes.util
+import functools
+import mmap
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 from ..errors import LeanLMError
 
 NameMapper = Callable[[str], "list[str] | None"]
+_PAGE = mmap.PAGESIZE
 
 
 def compile_names(names: dict[str, str]) -> NameMapper:
@@ -29,6 +37,78 @@ def compile_names(names: dict[str, str]) -> NameMapper:
         return None
 
     return mapper
+
+
+class _SkipInit(TorchFunctionMode):
+    """Turns `torch.nn.init` calls into no-ops (the weights are assigned afterwards anyway)."""
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        if getattr(func, "__module__", None) == "torch.nn.init":
+            return args[0] if args else (kwargs or {})["tensor"]
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def meta_device() -> Iterator[None]:
+    """Build modules on the meta device without running their initialisers.
+
+    On meta tensors `normal_` (nn.Embedding's init) goes through torch._refs, which imports torch._dynamo and
+    sympy: ~70 MiB of resident memory for weights that are replaced right away.
+    """
+    with torch.device("meta"), _SkipInit():
+        yield
+
+
+def release_memory() -> None:
+    """Hand the heap's free pages back to the OS (glibc only; a no-op elsewhere)."""
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+class HeapTrimmer:
+    """Call after each converted tensor with the bytes it keeps: trims the heap when anonymous RSS grew more than
+    those bytes plus `slack` since the last check that followed a trim.
+
+    Conversions free large temporaries between the buffers they keep. In some runs glibc does not reuse the freed
+    holes (where it placed things decides it) and the heap grows by 3-5x the kept bytes, all of it resident; in
+    others it stays flat. Trimming after every tensor would re-fault every temporary's pages (load twice as slow).
+    After a trim the next call only takes a new baseline, which includes the temporaries' pages faulted back in.
+    """
+
+    def __init__(self, slack: int = 16 << 20) -> None:
+        self.slack = slack
+        self.limit: int | None = None
+
+    def __call__(self, kept: int = 0) -> None:
+        now = _anon_rss()
+        if self.limit is None:
+            self.limit = now + self.slack
+        elif now > self.limit + kept:
+            release_memory()
+            self.limit = None
+        else:
+            self.limit += kept
+
+
+def _anon_rss() -> int:
+    """Resident bytes not backed by a file (0 where /proc is missing, which disables HeapTrimmer)."""
+    try:
+        with open("/proc/self/statm") as f:
+            resident, shared = f.read().split()[1:3]
+    except OSError:
+        return 0
+    return (int(resident) - int(shared)) * _PAGE
+
+
+@functools.cache
+def _libc() -> Any:
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
+    return libc if libc is not None and hasattr(libc, "malloc_trim") else None
 
 
 def place(t: torch.Tensor, targets: list[str], expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor],

@@ -15,7 +15,7 @@ from ..model import Transformer
 from ..quant.dequant import dequantize, dequantize_rows
 from ..quant.int8 import Int8Embedding, Int8Linear, quantize_rows
 from ..quant.repack import REPACKED, int4_linear
-from .common import compile_names, finish, place
+from .common import HeapTrimmer, compile_names, finish, meta_device, place, release_memory
 
 SUPPORTED_ARCHS = ("llama", "gemma3", "qwen2", "phi3")
 
@@ -109,7 +109,8 @@ def load_gguf_model(f: GGUFFile, dtype: torch.dtype, device: str | torch.device 
     and anything else are used as `dtype`.
     """
     cfg = config_from_gguf(f)
-    with torch.device("meta"):
+    f.release(None)  # the header, parsed already
+    with meta_device():
         model = Transformer(cfg)
     state: dict[str, torch.Tensor] = {}
     mapper = _MAPPERS[cfg.arch]
@@ -124,13 +125,16 @@ def load_gguf_model(f: GGUFFile, dtype: torch.dtype, device: str | torch.device 
         if targets is None:
             raise UnsupportedError(f"unexpected tensor '{name}' for architecture {cfg.arch}")
         place(dequantize(f, name, dtype), targets, expected, state, dtype, device)
+        f.release(name)
     finish(model, state, cfg.tie_embeddings and not quantized)
+    release_memory()
     return model.eval()
 
 
 def _swap_int4_linears(f: GGUFFile, model: Transformer, mapper: Any, state: dict[str, torch.Tensor]) -> set[str]:
     """Replace each Linear whose GGUF weight is block-quantized by an Int4Linear; return the GGUF names consumed."""
     done: set[str] = set()
+    trim = HeapTrimmer()
     for name, info in f.tensors.items():
         targets = mapper(name) if info.qtype in REPACKED else None
         if not targets or len(targets) != 1 or not targets[0].endswith(".weight"):
@@ -142,10 +146,13 @@ def _swap_int4_linears(f: GGUFFile, model: Transformer, mapper: Any, state: dict
         bias_name = name[: -len(".weight")] + ".bias"
         bias = dequantize(f, bias_name, torch.float32) if mod.bias is not None else None
         new = int4_linear(f, name, bias)
+        f.release(name)
+        trim(sum(b.numel() * b.element_size() for b in new.buffers()))
         parent, _, child = path.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, new)
         state.update({f"{path}.{k}": v for k, v in new.state_dict().items()})
         done.update({name, bias_name})
+    release_memory()
     return done
 
 
@@ -155,7 +162,16 @@ def _swap_int8_head(f: GGUFFile, model: Transformer, state: dict[str, torch.Tens
     if not isinstance(model.output, nn.Linear):  # already an Int4Linear
         head = "token_embd.weight"
     n_rows = f.tensors[head].shape[0]
-    codes, scales = quantize_rows(n_rows, lambda s, e: dequantize_rows(f, head, s, e))
+    row_bytes, n_cols = f.tensors[head].nbytes // n_rows, f.tensors[head].shape[1]
+    trim = HeapTrimmer()
+
+    def rows(s: int, e: int) -> torch.Tensor:
+        w = dequantize_rows(f, head, s, e)
+        f.release(head, s * row_bytes, e * row_bytes)
+        trim((e - s) * (n_cols + 2))  # int8 codes and a bf16 scale per row
+        return w
+
+    codes, scales = quantize_rows(n_rows, rows)
     done = {head}
     if head == "token_embd.weight":
         model.tok_embeddings = Int8Embedding(codes, scales, dtype)
@@ -165,3 +181,4 @@ def _swap_int8_head(f: GGUFFile, model: Transformer, state: dict[str, torch.Tens
     model.output = Int8Linear(codes, scales)
     state.update({f"output.{k}": v for k, v in model.output.state_dict().items()})
     return done
+

@@ -71,6 +71,28 @@ class Int4Linear(nn.Module):
         mults = None if parts.mults == (1.0,) else torch.tensor(parts.mults, dtype=torch.bfloat16).view(1, 1, -1, 1)
         self.register_buffer("mults", mults, persistent=False)
 
+    @staticmethod
+    def cat(mods: list[Int4Linear]) -> Int4Linear | None:
+        """One Int4Linear computing the outputs of `mods` (same input) side by side, or None when their
+        layouts differ. The kernel packs rows in tiles of 64, so packed rows concatenate when each
+        module's rows are a multiple of 64."""
+        first = mods[0]
+        same = all(m.in_features == first.in_features and m.g == first.g and m.out_features % 64 == 0
+                   and (m.bias is None) == (first.bias is None)
+                   and (m.mults is None if first.mults is None else m.mults is not None and
+                        torch.equal(m.mults, first.mults)) for m in mods)
+        if not same:
+            return None
+        new = Int4Linear.__new__(Int4Linear)
+        nn.Module.__init__(new)
+        new.in_features, new.g = first.in_features, first.g
+        new.out_features = sum(m.out_features for m in mods)
+        new.register_buffer("packed", torch.cat([m.packed for m in mods]))
+        new.register_buffer("scales_zeros", torch.cat([m.scales_zeros for m in mods], dim=1))
+        new.register_buffer("bias", None if first.bias is None else torch.cat([m.bias for m in mods]))
+        new.register_buffer("mults", first.mults, persistent=False)
+        return new
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xb = x.reshape(-1, self.in_features).to(torch.bfloat16)  # (M, K)
         if self.mults is not None:  # (M, K/g, 1, g) * (P,) -> (M, K * P); the multipliers are powers of 2 or 0
