@@ -9,7 +9,7 @@ The float reference is made by dequantizing the shipped file to F32 (`leanlm qua
 --type f32`); every scheme is quantized from that reference with `leanlm.quantize.quantize`. Quality is
 measured on the fp32 path (exact dequantized weights) with `leanlm.perplexity.perplexity(..., reference=
 float model)`; llama.cpp's perplexity of the same file (when llama-cpp-python is installed) checks that it
-reads our files as we do. Speed uses bench/decode.py's subprocess runs (256-token prompt, 128 greedy tokens,
+reads our files as we do. Speed uses `leanlm bench`'s subprocess runs (256-token prompt, 128 greedy tokens,
 2 threads, leanlm's default auto dtype). Prints the markdown table; writes OUT.json and OUT.png (perplexity
 vs size).
 """
@@ -44,15 +44,13 @@ def measure_quality(path: Path, ref_llm: Any, text: str, ctx: int, chunks: int |
 
 
 def measure_speed(path: Path, threads: int) -> dict[str, Any]:
-    import decode
+    from leanlm.bench import has_llamacpp, run_bench
+    from leanlm.bench_engines import BenchSpec
 
-    args = argparse.Namespace(gen_tokens=128, threads=threads, dtype="auto", prompt_tokens=256)
-    ids = decode.prompt_ids(path, 256)
-    out = {"leanlm": decode.spawn("leanlm", args, path, ids)}
-    if importlib.util.find_spec("llama_cpp") is not None:
-        out["llamacpp"] = decode.spawn("llamacpp", args, path, ids)
-    return {k: {"decode_tps": v["decode_tps"], "prefill_tps": v["prefill_tps"], "peak_rss_mib": v["peak_rss_mib"],
-                "rss_above_imports_mib": v["peak_rss_mib"] - v["base_rss_mib"]} for k, v in out.items()}
+    out = run_bench(BenchSpec(model=str(path), threads=threads), "llama.cpp" if has_llamacpp() else None)
+    return {k: {"decode_tps": out[k]["runs"][0]["decode_tps"], "prefill_tps": out[k]["runs"][0]["prefill_tps"],
+                "peak_rss_mib": out[k]["peak_rss_mib"], "rss_above_imports_mib": out[k]["rss_above_imports_mib"]}
+            for k in ("leanlm", "llamacpp") if k in out}
 
 
 def write_outputs(rows: list[dict[str, Any]], meta: dict[str, Any], out: Path) -> None:
