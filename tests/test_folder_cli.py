@@ -12,19 +12,12 @@ import leanlm
 from leanlm.cli import main
 
 transformers = pytest.importorskip("transformers")
-from tiny_tokenizer import write_tiny_tokenizer  # noqa: E402
+from tiny_models import write_tiny_mistral  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("tiny_mistral")
-    cfg = transformers.MistralConfig(vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                     num_attention_heads=4, num_key_value_heads=2, sliding_window=16,
-                                     initializer_range=0.2, bos_token_id=1, eos_token_id=2)
-    torch.manual_seed(0)
-    transformers.MistralForCausalLM(cfg).save_pretrained(d)
-    write_tiny_tokenizer(d, kind="sentencepiece", vocab_size=512)
-    return d
+    return write_tiny_mistral(tmp_path_factory.mktemp("tiny_mistral"), tokenizer_kind="sentencepiece")
 
 
 def test_run_on_folder_matches_transformers_greedy(folder: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -143,19 +143,13 @@ def test_llamacpp_reads_our_q4_0_file(smol_path: Path, tmp_path: Path) -> None:
 
 @torch.inference_mode()
 def test_hf_folder_source_keeps_tokenizer_and_model(tmp_path: Path) -> None:
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     import sys
 
     sys.path.insert(0, str(Path(__file__).parent))
-    from tiny_tokenizer import write_tiny_tokenizer
+    from tiny_models import write_tiny_mistral
 
-    folder = tmp_path / "hf"
-    cfg = transformers.MistralConfig(vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                     num_attention_heads=4, num_key_value_heads=2, sliding_window=16,
-                                     initializer_range=0.2, bos_token_id=1, eos_token_id=2)
-    torch.manual_seed(0)
-    transformers.MistralForCausalLM(cfg).save_pretrained(folder)
-    write_tiny_tokenizer(folder, kind="bytelevel", vocab_size=512)
+    folder = write_tiny_mistral(tmp_path / "hf", tokenizer_kind="bytelevel")
     out = tmp_path / "q8.gguf"
     quantize(folder, out, "q8_0", progress=False)
     hf, ours = leanlm.load(folder, dtype="float32"), leanlm.load(out, dtype="float32")

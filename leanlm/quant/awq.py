@@ -26,8 +26,8 @@ def fake_quant(w: torch.Tensor, fmt: BlockFormat) -> torch.Tensor:
     return dequant(fmt.codes(w, fit), fit, fmt.group)
 
 
-def search_scale(x: torch.Tensor, ws: list[torch.Tensor], fmts: list[BlockFormat], tie: Callable, grid: int = 20
-                 ) -> torch.Tensor:
+def search_scale(x: torch.Tensor, ws: list[torch.Tensor], fmts: list[BlockFormat], tie: _Same | _Gqa,
+                 grid: int = 20) -> torch.Tensor:
     """Best per-channel scale (K_prev,) for inputs x (n, K) of the weights ws [(N_i, K)].
 
     tie maps a (K_prev,) scale of the producing op to the (K,) input channels (identity except GQA)."""
