@@ -117,7 +117,8 @@ def run_bench(spec: BenchSpec, compare: str | None = None, price_per_hour: float
 
 
 # --- report ------------------------------------------------------------------------------------
-ENGINE_ROWS = [("load (s)", "load_s", "{:.2f}"), ("peak RSS (MiB)", "peak_rss_mib", "{:.0f}"),
+ENGINE_ROWS = [("load (s)", "load_s", "{:.2f}"), ("decode step load (s)", "step_load_s", "{:.2f}"),
+               ("peak RSS (MiB)", "peak_rss_mib", "{:.0f}"),
                ("RSS above imports (MiB)", "rss_above_imports_mib", "{:.0f}"),
                ("weights read/step (MiB)", "weight_bytes_per_step", "{:.1f}")]
 RUN_ROWS = [("time to first token (s)", "ttft_s", "{:.3f}"), ("prefill tok/s", "prefill_tps", "{:.1f}"),
@@ -157,7 +158,7 @@ def build_report(spec: BenchSpec, results: dict[str, dict[str, Any]], busy: floa
     if "llamacpp" in results:
         a, b = results["leanlm"], results["llamacpp"]
         out["ratios_leanlm_over_llamacpp"] = {
-            **{k: _ratio(a[k], b[k]) for _, k, _ in ENGINE_ROWS},
+            **{k: _ratio(a.get(k), b.get(k)) for _, k, _ in ENGINE_ROWS},
             "by_batch": {str(ra["batch"]): {k: _ratio(ra.get(k), rb.get(k)) for _, k, _ in RUN_ROWS if k in ra}
                          for ra, rb in zip(a["runs"], b["runs"])}}
         out["identical_leading_tokens"] = leading_same(firsts["leanlm"], firsts["llama.cpp"])
@@ -168,7 +169,8 @@ def print_table(out: dict[str, Any]) -> None:
     engines = [k for k in LABELS if k in out]
     ratios = out.get("ratios_leanlm_over_llamacpp")
     print(f"model {out['model']}: prompt {out['prompt_tokens']} tokens, {out['gen_tokens']} generated per sequence, "
-          f"{out['threads']} threads, dtype {out['dtype']} (leanlm: {out['leanlm']['dtype']})")
+          f"{out['threads']} threads, dtype {out['dtype']} (leanlm: {out['leanlm']['dtype']}, decode step "
+          f"compile={out['leanlm']['compile']})")
     print(f"{'':32}" + "".join(f"{LABELS[e]:>12}" for e in engines) + (f"{'leanlm/llama.cpp':>18}" if ratios else ""))
 
     def row(label: str, fmt: str, values: list[float | None], ratio: float | None) -> None:
@@ -177,7 +179,8 @@ def print_table(out: dict[str, Any]) -> None:
 
     for label, key, fmt in ENGINE_ROWS:
         scale = 2**20 if key == "weight_bytes_per_step" else 1
-        row(label, fmt, [out[e][key] / scale for e in engines], ratios and ratios[key])
+        row(label, fmt, [None if out[e].get(key) is None else out[e][key] / scale for e in engines],
+            ratios and ratios[key])
     for i, b in enumerate(out["batches"]):
         for label, key, fmt in RUN_ROWS:
             if key in out["leanlm"]["runs"][i]:
@@ -246,7 +249,7 @@ def bench_main(a: argparse.Namespace) -> None:
     if a.compare and (path.is_dir() or path.suffix.lower() != ".gguf"):
         raise LeanLMError(f"--compare llama.cpp needs a .gguf model, and {path} is not one")
     spec = BenchSpec(str(path), a.prompt_tokens, a.gen_tokens, batches, a.threads or default_threads(),
-                     a.dtype, a.prefill_chunk)
+                     a.dtype, a.prefill_chunk, a.compile)
     out = run_bench(spec, a.compare, a.price_per_hour)
     if a.plot:
         plot(out, str(Path(a.plot).expanduser()))

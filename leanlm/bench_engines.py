@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from .errors import LeanLMError
 
 if TYPE_CHECKING:
+    from .compiled import DecodeStep
     from .model import Transformer
 
 WARMUP_PROMPT, WARMUP_GEN = 16, 4
@@ -42,6 +43,7 @@ class BenchSpec:
     threads: int = 1
     dtype: str = "auto"
     chunk: int = 512
+    compile: str = "on"  # the decode step: compiled (built once and cached) or eager ("off")
 
 
 # --- measurements ------------------------------------------------------------------------------
@@ -87,13 +89,15 @@ def weight_bytes(model: Transformer) -> tuple[int, int]:
     return total, total - sum(n for ptr, n in embed.items() if ptr not in head)
 
 
-def greedy_batch(model: Transformer, prompt: list[int], batch: int, gen: int,
-                 chunk: int = 512) -> tuple[list[list[int]], float, float]:
+def greedy_batch(model: Transformer, prompt: list[int], batch: int, gen: int, chunk: int = 512,
+                 step: DecodeStep | None = None) -> tuple[list[list[int]], float, float]:
     """Decode `batch` copies of `prompt` together, greedily: (ids per sequence, TTFT s, decode s)."""
     import torch
 
     from .cache import ModelCache
+    from .compiled import decode_step
 
+    step = step or decode_step
     n, device = len(prompt), model.device
     with torch.inference_mode():
         cache = ModelCache(model.cfg, batch, n + gen, chunk, model.dtype, device)
@@ -111,7 +115,7 @@ def greedy_batch(model: Transformer, prompt: list[int], batch: int, gen: int,
         for i in range(1, gen):
             pos = torch.full((batch, 1), n + i - 1, device=device)
             cache.kv_len = n + i
-            out[:, i] = tok = model(tok.view(batch, 1), pos, cache)[:, -1].argmax(-1)
+            out[:, i] = tok = step(model, cache, tok.view(batch, 1), pos, n + i).argmax(-1)
         decode_s = time.perf_counter() - t1
     return out.tolist(), ttft, decode_s
 
@@ -132,20 +136,24 @@ def run_leanlm(spec: BenchSpec, ids: list[int]) -> dict[str, Any]:
         raise LeanLMError(f"prompt + generated tokens ({len(ids) + spec.gen_tokens}) exceed the model's context "
                           f"of {model.cfg.context_length}")
     greedy = lambda logits, hist: logits.float().argmax(-1)
-    list(generate_ids(model, ids[:WARMUP_PROMPT], greedy, WARMUP_GEN, chunk=spec.chunk))
+    t0 = time.perf_counter()
+    steps = {b: llm.decode_step(b, spec.compile) for b in spec.batches}  # compiled steps load (or build) here
+    step_load_s = time.perf_counter() - t0
     runs = []
     for b in spec.batches:
         if b == 1:
+            list(generate_ids(model, ids[:WARMUP_PROMPT], greedy, WARMUP_GEN, chunk=spec.chunk, step=steps[1]))
             stats = GenStats()
-            out = list(generate_ids(model, ids, greedy, spec.gen_tokens, chunk=spec.chunk, stats=stats))
+            out = list(generate_ids(model, ids, greedy, spec.gen_tokens, chunk=spec.chunk, stats=stats, step=steps[1]))
             runs.append(run_row(1, len(ids), [out], stats.prefill_s, stats.decode_s))
         else:
-            greedy_batch(model, ids[:WARMUP_PROMPT], b, 2, spec.chunk)
-            runs.append(run_row(b, len(ids), *greedy_batch(model, ids, b, spec.gen_tokens, spec.chunk)))
+            greedy_batch(model, ids[:WARMUP_PROMPT], b, 2, spec.chunk, steps[b])
+            runs.append(run_row(b, len(ids), *greedy_batch(model, ids, b, spec.gen_tokens, spec.chunk, steps[b])))
     total, per_step = weight_bytes(model)
     return {"engine": "leanlm", "version": f"leanlm {__version__}, torch {torch.__version__}",
             "threads": torch.get_num_threads(), "dtype": str(model.dtype).removeprefix("torch."),
-            "load_s": load_s, "weight_bytes": total, "weight_bytes_per_step": per_step,
+            "load_s": load_s, "step_load_s": step_load_s, "compile": spec.compile,
+            "weight_bytes": total, "weight_bytes_per_step": per_step,
             "base_rss_mib": base, "peak_rss_mib": peak_rss_mib(), "runs": runs}
 
 

@@ -23,23 +23,27 @@ Rolling buffer index math (slot = position mod S, S = W + slack):
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from .config import ModelConfig
 
 
-class KVBuffer(nn.Module):
+class KVBuffer:
     """K/V storage for one layer: (B, n_kv, S, hd). `pos` (B, S), the position held by each slot, is
-    shared by all buffers of the same size (they are written identically) and kept by ModelCache."""
+    shared by all buffers of the same window (they are written identically) and kept by ModelCache.
+
+    Caches are plain objects holding tensors, not nn.Modules: a compiled decode step (compiled.py) then
+    treats their sizes as dynamic, where module buffers would be baked in as constants."""
 
     def __init__(self, batch: int, n_kv: int, size: int, head_dim: int, window: int | None,
                  dtype: torch.dtype, pos: torch.Tensor, device: torch.device | str | None = None) -> None:
-        super().__init__()
-        self.size, self.window, self.pos = size, window, pos
-        self.register_buffer("k", torch.zeros(batch, n_kv, size, head_dim, dtype=dtype, device=device),
-                             persistent=False)
-        self.register_buffer("v", torch.zeros(batch, n_kv, size, head_dim, dtype=dtype, device=device),
-                             persistent=False)
+        self.window, self.pos = window, pos
+        self.k = torch.zeros(batch, n_kv, size, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros(batch, n_kv, size, head_dim, dtype=dtype, device=device)
+
+    @property
+    def size(self) -> int:
+        """Slots in this buffer: read from the tensor, so a compiled step sees it as a dynamic size."""
+        return self.k.shape[2]
 
     def write(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store new keys/values at slots (B, T); k, v: (B, n_kv, T, hd)."""
@@ -67,7 +71,7 @@ def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None)
     return ok[:, None]
 
 
-class ModelCache(nn.Module):
+class ModelCache:
     """All layers' KV buffers for a batch of `batch` sequences of up to `max_len` positions.
 
     Sliding-window layers get rolling buffers of W + `chunk` slots (never more than max_len);
@@ -77,37 +81,34 @@ class ModelCache(nn.Module):
 
     def __init__(self, cfg: ModelConfig, batch: int, max_len: int, chunk: int,
                  dtype: torch.dtype, device: torch.device | str | None = None) -> None:
-        super().__init__()
         self.max_len, self.chunk = max_len, chunk
-        self.layers = nn.ModuleList()
-        self.slot_pos: dict[int, torch.Tensor] = {}  # buffer size -> (B, size) position in each slot, -1 empty
+        self.layers: list[KVBuffer] = []
+        # one slot table per window kind (None = full attention), each (B, size): position in each slot, -1 empty
+        self.slot_pos: dict[int | None, torch.Tensor] = {}
         for w in cfg.layer_windows:
-            size = max_len if w is None else min(max_len, w + chunk)
-            if size not in self.slot_pos:
-                self.slot_pos[size] = torch.full((batch, size), -1, dtype=torch.long, device=device)
-                self.register_buffer(f"pos_{size}", self.slot_pos[size], persistent=False)
-            self.layers.append(KVBuffer(batch, cfg.n_kv_heads, size, cfg.head_dim, w, dtype,
-                                        self.slot_pos[size], device))
+            if w not in self.slot_pos:
+                size = max_len if w is None else min(max_len, w + chunk)
+                self.slot_pos[w] = torch.full((batch, size), -1, dtype=torch.long, device=device)
+            pos = self.slot_pos[w]
+            self.layers.append(KVBuffer(batch, cfg.n_kv_heads, pos.shape[1], cfg.head_dim, w, dtype, pos, device))
         self.kv_len = 0
 
-    def prepare(self, positions: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def prepare(self, positions: torch.Tensor, kv_len: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Record the new positions (B, T) in the slot tables; per layer, (slots (B, T), mask (B, 1, T, S')).
 
-        Done once per forward: layers sharing a buffer size and window share the same tensors.
+        Done once per forward: layers with the same window share the same tensors. Sizes are read from the
+        tensors (not Python ints), so a compiled decode step serves caches of any size.
         """
-        slots = {}
-        for size, pos in self.slot_pos.items():
-            slots[size] = positions % size  # identity for full buffers (positions < size)
-            pos.scatter_(1, slots[size], positions)
-        shared: dict[tuple[int, int | None], tuple[torch.Tensor, torch.Tensor]] = {}
-        out = []
-        for b in self.layers:
-            key = (b.size, b.window)
-            if key not in shared:
-                k_pos = self.slot_pos[b.size][:, :min(self.kv_len, b.size)]
-                shared[key] = (slots[b.size], attention_mask(positions, k_pos, b.window))
-            out.append(shared[key])
-        return out
+        shared: dict[int | None, tuple[torch.Tensor, torch.Tensor]] = {}
+        for w, pos in self.slot_pos.items():
+            size = pos.shape[1]
+            slots = positions % size  # identity for full buffers (positions < size)
+            pos.scatter_(1, slots, positions)
+            shared[w] = (slots, attention_mask(positions, pos[:, :min(kv_len, size)], w))
+        return [shared[b.window] for b in self.layers]
+
+    def tensors(self) -> list[torch.Tensor]:
+        return list(self.slot_pos.values()) + [t for b in self.layers for t in (b.k, b.v)]
 
     def nbytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self.buffers())
+        return sum(t.numel() * t.element_size() for t in self.tensors())

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from .cache import ModelCache
+from .compiled import DecodeStep, decode_step
 from .errors import LeanLMError
 from .model import Transformer
 
@@ -53,8 +54,11 @@ def prefill(model: Transformer, cache: ModelCache, ids: torch.Tensor, start: int
 @torch.inference_mode()
 def generate_ids(model: Transformer, prompt: Sequence[int], sampler: Sampler, max_tokens: int, *,
                  stop_ids: frozenset[int] = frozenset(), context: int | None = None, chunk: int = 512,
-                 stats: GenStats | None = None) -> Iterator[int]:
-    """Yield generated token ids; stops at a stop id (which is yielded), max_tokens or the context end."""
+                 stats: GenStats | None = None, step: DecodeStep = decode_step) -> Iterator[int]:
+    """Yield generated token ids; stops at a stop id (which is yielded), max_tokens or the context end.
+
+    step runs one decode step (compiled.py: the eager one by default, or a compiled one).
+    """
     cfg = model.cfg
     ctx = context or cfg.context_length
     n = len(prompt)
@@ -90,6 +94,6 @@ def generate_ids(model: Transformer, prompt: Sequence[int], sampler: Sampler, ma
         pos = n + i
         history[0, pos] = tok[0]
         cache.kv_len = pos + 1
-        logits = model(tok.view(1, 1), torch.tensor([[pos]], device=device), cache)[:, -1]
+        logits = step(model, cache, tok.view(1, 1), torch.tensor([[pos]], device=device), pos + 1)
         tok = sampler(logits, history[:, :pos + 1])
     stats.finish_reason = "length"

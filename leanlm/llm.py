@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -10,6 +11,8 @@ from typing import Any
 
 import torch
 
+from .cache import ModelCache
+from .compiled import MODES, DecodeStep, decode_step, get_step
 from .errors import LeanLMError
 from .generate import GenStats, generate_ids
 from .hub import DEFAULT_MODEL, resolve_model
@@ -38,13 +41,35 @@ def resolve_dtype(dtype: str | torch.dtype, device: str = "cpu") -> tuple[torch.
 class LLM:
     """A loaded model with its tokenizer; generation methods stream text pieces."""
 
-    def __init__(self, model: Transformer, tokenizer: Any, path: Path | None = None, prefill_chunk: int = 512) -> None:
+    def __init__(self, model: Transformer, tokenizer: Any, path: Path | None = None, prefill_chunk: int = 512,
+                 compile: str = "auto") -> None:
         if prefill_chunk < 1:
             raise LeanLMError("prefill_chunk must be >= 1")
+        if compile not in MODES:
+            raise LeanLMError(f"unknown compile mode '{compile}' (choose {', '.join(MODES)})")
+        self.compile = compile  # decode step: auto = compiled if already built, on = build if missing, off
         self.model, self.tokenizer, self.path = model, tokenizer, path
         self.prefill_chunk = prefill_chunk  # prompt tokens per forward; sliding layers keep W + this many slots
         self.config = model.cfg
         self.last_stats = GenStats()
+        self._steps: dict[bool, DecodeStep] = {}
+
+    def decode_step(self, batch: int = 1, mode: str | None = None) -> DecodeStep:
+        """The decode step for this batch size: compiled (compiled.py) per `mode` (default self.compile)."""
+        key = batch > 1
+        if key not in self._steps or mode is not None:
+            log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+            self._steps[key] = get_step(self.model, batch, mode or self.compile, log)
+        return self._steps[key]
+
+    def decode_kind(self) -> str:
+        """'compiled' if a compiled decode step has been used, else 'eager'."""
+        return "compiled" if any(st is not decode_step for st in self._steps.values()) else "eager"
+
+    def _lazy_step(self, model: Transformer, cache: ModelCache, tokens: torch.Tensor, positions: torch.Tensor,
+                   kv_len: int) -> torch.Tensor:
+        """Loads the compiled step at the first decode step, after the first token is out."""
+        return self.decode_step(tokens.shape[0])(model, cache, tokens, positions, kv_len)
 
     # --- prompts -------------------------------------------------------------------------
     def encode_prompt(self, prompt: str) -> list[int]:
@@ -71,7 +96,7 @@ class LLM:
         self.last_stats = stats = GenStats()
         detok, stops = StreamDecoder(tok), StopStrings(params.stop)
         for tid in generate_ids(self.model, ids, sampler, params.max_tokens, stop_ids=stop_ids,
-                                chunk=self.prefill_chunk, stats=stats):
+                                chunk=self.prefill_chunk, stats=stats, step=self._lazy_step):
             if tid in stop_ids:
                 stats.finish_reason = "stop"
                 break
@@ -111,8 +136,12 @@ def _sample(logits: torch.Tensor, history: torch.Tensor, *, params: SamplingPara
 
 
 def load(model: str | Path = DEFAULT_MODEL, *, dtype: str | torch.dtype = "auto", threads: int | None = None,
-         device: str = "cpu", progress: bool = True, prefill_chunk: int = 512) -> LLM:
-    """Load a registry name (pulled on first use), a .gguf file or a checkpoint folder."""
+         device: str = "cpu", progress: bool = True, prefill_chunk: int = 512, compile: str = "auto") -> LLM:
+    """Load a registry name (pulled on first use), a .gguf file or a checkpoint folder.
+
+    compile: the decode step (compiled.py): "auto" uses a compiled one if it was built before, "on" builds
+    it when missing (a minute or two, once per model layout), "off" stays eager.
+    """
     if threads:
         torch.set_num_threads(threads)
     path = resolve_model(str(model), progress=progress)
@@ -123,4 +152,4 @@ def load(model: str | Path = DEFAULT_MODEL, *, dtype: str | torch.dtype = "auto"
 
         fuse_projections(m)  # q/k/v and gate/up as one matmul each: fewer kernel calls per token
     release_memory()  # what the file's parsed header and the tokenizer's construction left in the heap
-    return LLM(m, tok, path, prefill_chunk)
+    return LLM(m, tok, path, prefill_chunk, compile)

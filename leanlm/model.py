@@ -90,12 +90,25 @@ class Attention(nn.Module):
             assert slots is not None
             kv.write(slots, k, v)
             k, v = kv.view(kv_len)  # (B, KV, S, hd)
-        if cfg.attn_softcap is None:
+        if T == 1 and cfg.attn_softcap is None:
+            o = self._decode_attention(q, k, v, mask)
+        elif cfg.attn_softcap is None:
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale,
                                                enable_gqa=cfg.n_kv_heads != cfg.n_heads)
         else:
             o = self._softcapped(q, k, v, mask)
         return self.wo(o.transpose(1, 2).reshape(B, T, -1))
+
+    def _decode_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """One query per sequence: the rep query heads of each KV head as rows of one matmul."""
+        B, H, _, hd = q.shape
+        KV = k.shape[1]
+        qg = q.view(B, KV, H // KV, hd)  # (B, KV, rep, hd)
+        s = (qg.float()[:, :, :, None] * k.float()[:, :, None]).sum(-1) * self.scale  # (B, KV, rep, S)
+        s = s.masked_fill(~mask, float("-inf"))  # mask (B, 1, 1, S)
+        p = torch.softmax(s, -1)
+        o = (p[..., None] * v.float()[:, :, None]).sum(-2)  # (B, KV, rep, hd)
+        return o.to(q.dtype).view(B, H, 1, hd)  # (B, H, 1, hd)
 
     def _softcapped(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         rep = self.cfg.n_heads // self.cfg.n_kv_heads
@@ -167,7 +180,7 @@ class Transformer(nn.Module):
         return self.norm.weight.dtype
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: ModelCache | None = None,
-                last_only: bool = False) -> torch.Tensor:
+                last_only: bool = False, kv_len: int | None = None) -> torch.Tensor:
         """tokens, positions: (B, T) -> logits (B, T, vocab) in fp32 ((B, 1, vocab) if last_only).
 
         With a cache, `cache.kv_len` must already cover these positions (see `ModelCache`).
@@ -178,9 +191,10 @@ class Transformer(nn.Module):
             x = x * torch.tensor(cfg.embed_scale, dtype=x.dtype)
         rd = cfg.rope_dim or cfg.head_dim
         ropes: dict[bool, tuple[torch.Tensor, torch.Tensor]] = {}
-        kv_len = cache.kv_len if cache is not None else 0
+        if kv_len is None:
+            kv_len = cache.kv_len if cache is not None else 0
         if cache is not None:
-            prepared = cache.prepare(positions)  # per layer (slots, mask), shared where buffers agree
+            prepared = cache.prepare(positions, kv_len)  # per layer (slots, mask), shared where buffers agree
         else:
             causal = {w: attention_mask(positions, positions, w) for w in set(cfg.layer_windows)}
         for i, layer in enumerate(self.layers):

@@ -32,7 +32,7 @@ def report(smol_path: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[d
     """One tiny CLI run (with llama.cpp when it is installed): its JSON and the plot file."""
     png = tmp_path_factory.mktemp("bench") / "decode.png"
     args = ["bench", str(smol_path), "--prompt-tokens", "16", "--gen-tokens", "4", "--batch", "2,1",
-            "--threads", "1", "--json", "--plot", str(png), "--price-per-hour", "2.5"]
+            "--threads", "1", "--json", "--plot", str(png), "--price-per-hour", "2.5", "--compile", "off"]
     code, out, err = _run(args + (["--compare", "llama.cpp"] if COMPARE else []))
     assert code == 0, err
     return json.loads(out), png

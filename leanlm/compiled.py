@@ -1,0 +1,127 @@
+"""The decode step compiled once per model layout and kept on disk.
+
+Eager PyTorch spends most of a decode step dispatching ~40 small ops per layer. `torch.compile`
+(inductor with its C++ wrapper) fuses the elementwise work into a few loops and calls the int4/int8
+kernels directly, which more than doubles decode speed on a 2-core CPU (bench/NOTES.md). Compiling
+takes a minute or two, so the result is saved with torch's ahead-of-time compile API and loaded in
+about 2 s by later processes.
+
+The compiled function takes the model and the cache as arguments: weights are read from them at each
+call, never copied into the artifact. Everything the graph depends on that is not a tensor shape goes
+into the artifact's key (`layout_key`): the config, every parameter's and buffer's name, shape and
+dtype, the source of the modules the graph runs, torch's version and the batch kind (1 or >= 2).
+Cache sizes, `kv_len` and the batch size (>= 2) are dynamic, so one artifact serves every context
+length. Torch's own guard check is switched off after loading (it rejects inference-mode tensors);
+`layout_key` is the guard.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from .cache import ModelCache
+from .model import Transformer
+
+# one step: (model, cache, tokens (B, 1), positions (B, 1), kv_len) -> next-token logits (B, V) fp32
+DecodeStep = Callable[[Transformer, ModelCache, torch.Tensor, torch.Tensor, int], torch.Tensor]
+MODES = ("auto", "on", "off")  # auto: use a saved step if there is one; on: compile when missing
+_SOURCES = ("model.py", "cache.py", "moe.py", "compiled.py", "quant/int4.py", "quant/int8.py")
+
+
+def decode_step(model: Transformer, cache: ModelCache, tokens: torch.Tensor, positions: torch.Tensor,
+                kv_len: int) -> torch.Tensor:
+    """tokens, positions (B, 1) -> logits (B, V) of the next token; the eager form of the compiled step."""
+    return model(tokens, positions, cache, kv_len=kv_len)[:, -1]
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("LEANLM_CACHE") or Path.home() / ".cache" / "leanlm"
+    return Path(root) / "compiled"
+
+
+def _inductor_dir() -> contextlib.AbstractContextManager:
+    """Inductor's own cache (the C++ it built) beside our artifacts: loading without it recompiles the C++
+    (a minute), and its default home under /tmp does not survive reboots."""
+    from torch._inductor.runtime.cache_dir_utils import temporary_cache_dir
+
+    return temporary_cache_dir(str(cache_dir() / "inductor"))
+
+
+def layout_key(model: Transformer, batch: int) -> str:
+    """What a compiled step depends on besides tensor sizes (see the module docstring)."""
+    h = hashlib.sha256()
+    h.update(f"{torch.__version__}|{sys.version_info[:2]}|batch={'1' if batch == 1 else 'n'}|{model.cfg!r}".encode())
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        h.update(f"|{name}:{tuple(t.shape)}:{t.dtype}:{t.device.type}".encode())
+    for mod in model.modules():
+        h.update(type(mod).__qualname__.encode())
+    here = Path(__file__).parent
+    for src in _SOURCES:
+        h.update((here / src).read_bytes())
+    return h.hexdigest()[:24]
+
+
+def _example(model: Transformer, batch: int) -> tuple:
+    """Inputs to trace with. Sizes of 0 or 1 would be specialised, so the buffers hold 64 positions."""
+    cache = ModelCache(model.cfg, batch, 64, 16, model.dtype, model.device)
+    for t in cache.tensors():  # slot tables (B, S) and K/V (B, n_kv, S, hd): S varies, and B when batched
+        if t.dim() == 4:
+            torch._dynamo.mark_static(t, 1)
+            torch._dynamo.mark_static(t, 3)
+    tokens = torch.zeros(batch, 1, dtype=torch.long, device=model.device)
+    positions = torch.full((batch, 1), 40, dtype=torch.long, device=model.device)
+    return (model, cache, tokens, positions, 41)
+
+
+def compile_step(model: Transformer, batch: int, path: Path) -> None:
+    """Compile the decode step for this layout and save it at path (takes a minute or more)."""
+    import torch._inductor.config as inductor_config
+    import torch.fx.experimental._config as shape_config
+
+    fn = torch.compile(decode_step, dynamic=True, fullgraph=True)
+    # no duck shaping: two sizes that happen to be equal in the example (a 64-slot buffer and a head dim
+    # of 64) must not be assumed equal forever
+    with _inductor_dir(), inductor_config.patch(cpp_wrapper=True), \
+            torch._dynamo.config.patch(specialize_float=True), \
+            shape_config.patch(use_duck_shape=False), torch.inference_mode():
+        compiled = fn.aot_compile((_example(model, batch), {}))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    compiled.save_compiled_function(str(tmp))
+    tmp.replace(path)
+
+
+def load_step(path: Path) -> DecodeStep:
+    with open(path, "rb") as f, _inductor_dir():
+        step = torch.compiler.load_compiled_function(f)
+    step.disable_guard_check()  # layout_key stands in for torch's guards (module docstring)
+
+    def run(model: Transformer, cache: ModelCache, tokens: torch.Tensor, positions: torch.Tensor,
+            kv_len: int) -> torch.Tensor:  # the graph was traced with contiguous inputs and assumes them
+        return step(model, cache, tokens.contiguous(), positions.contiguous(), kv_len)
+
+    return run
+
+
+def get_step(model: Transformer, batch: int, mode: str = "auto",
+             log: Callable[[str], None] | None = None) -> DecodeStep:
+    """The compiled step for this model and batch kind if allowed and available, else the eager one."""
+    if mode == "off" or model.device.type != "cpu" and mode == "auto":
+        return decode_step
+    path = cache_dir() / f"decode-{layout_key(model, batch)}.bin"
+    if not path.exists():
+        if mode != "on":
+            return decode_step
+        if log:
+            log(f"compiling the decode step for this model (once; saved in {path.parent})")
+        with contextlib.redirect_stdout(io.StringIO()):
+            compile_step(model, batch, path)
+    return load_step(path)

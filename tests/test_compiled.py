@@ -1,0 +1,88 @@
+"""The compiled decode step (compiled.py) computes what the eager step computes, for any cache size.
+
+One artifact is compiled per layout and reused for caches of other sizes, rolling buffers that wrap,
+other kv_len and (batched) other batch sizes: each of those is checked against the eager step here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from leanlm import compiled
+from leanlm.cache import ModelCache
+from leanlm.config import ModelConfig
+from leanlm.model import Transformer
+
+
+def tiny(**kw) -> Transformer:
+    cfg = ModelConfig(arch="test", vocab_size=96, dim=32, n_layers=3, n_heads=4, n_kv_heads=2, head_dim=16,
+                      hidden_dim=48, layer_windows=(4, None, 4), qk_norm=True, rope_local_base=100.0, **kw)
+    torch.manual_seed(0)
+    m = Transformer(cfg).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0, 0.3)
+    return m
+
+
+@pytest.fixture(scope="module")
+def steps(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """One model, its compiled steps for batch 1 and batch >= 2, in a private artifact folder."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("LEANLM_CACHE", str(tmp_path_factory.mktemp("leanlm-cache")))
+    m = tiny()
+    out = {"model": m, 1: compiled.get_step(m, 1, "on"), 2: compiled.get_step(m, 2, "on")}
+    yield out
+    mp.undo()
+
+
+def decode(m: Transformer, step: compiled.DecodeStep, ids: torch.Tensor, prompt: int, max_len: int,
+           chunk: int = 3) -> torch.Tensor:
+    """Prefill ids[:, :prompt] eagerly, then feed the rest through `step`; the decode logits (B, N, V)."""
+    B, T = ids.shape
+    cache = ModelCache(m.cfg, B, max_len, chunk, m.dtype)
+    with torch.inference_mode():
+        for s in range(0, prompt, chunk):
+            n = min(chunk, prompt - s)
+            m(ids[:, s:s + n], torch.arange(s, s + n).expand(B, n), cache, kv_len=s + n)
+        out = [step(m, cache, ids[:, t:t + 1], torch.full((B, 1), t), t + 1) for t in range(prompt, T)]
+    return torch.stack(out, 1)
+
+
+@pytest.mark.parametrize("batch", [1, 2, 5])
+@pytest.mark.parametrize("max_len", [40, 97])
+def test_compiled_step_equals_eager(steps: dict, batch: int, max_len: int) -> None:
+    """Full buffers of 40 and 97 slots, rolling buffers of 7 that wrap many times, batch 1, 2 and 5."""
+    m = steps["model"]
+    ids = torch.randint(0, 96, (batch, 40), generator=torch.Generator().manual_seed(batch))
+    ref = decode(m, compiled.decode_step, ids, 9, max_len)
+    got = decode(m, steps[1 if batch == 1 else 2], ids, 9, max_len)
+    assert ref.shape == (batch, 31, 96)
+    assert (got - ref).abs().max().item() < 1e-4
+
+
+def test_artifacts_are_saved_and_reused(steps: dict) -> None:
+    m = steps["model"]
+    files = sorted(compiled.cache_dir().glob("decode-*.bin"))
+    assert [f.name for f in files] == sorted(f"decode-{compiled.layout_key(m, b)}.bin" for b in (1, 2))
+    again = compiled.get_step(m, 1, "auto")  # loads from disk: no compile
+    assert again is not compiled.decode_step
+    ids = torch.randint(0, 96, (1, 20), generator=torch.Generator().manual_seed(7))
+    assert torch.equal(decode(m, again, ids, 5, 30), decode(m, steps[1], ids, 5, 30))
+
+
+def test_layout_key_tracks_what_the_graph_depends_on(steps: dict, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    m = steps["model"]
+    assert compiled.layout_key(m, 1) == compiled.layout_key(tiny(), 1)  # same layout, other weights object
+    assert compiled.layout_key(m, 1) != compiled.layout_key(m, 2)
+    assert compiled.layout_key(m, 2) == compiled.layout_key(m, 32)
+    assert compiled.layout_key(m, 1) != compiled.layout_key(tiny(post_norms=True), 1)
+    # nothing built for this layout yet: auto stays eager, off is always eager
+    monkeypatch.setenv("LEANLM_CACHE", str(tmp_path))
+    assert compiled.get_step(m, 1, "auto") is compiled.decode_step
+    assert compiled.get_step(m, 1, "off") is compiled.decode_step
+    assert not list(tmp_path.rglob("*.bin"))
