@@ -3,7 +3,8 @@
 The head is the largest matrix read per decoded token (Gemma 3: 262144 x 640). Each row is requantized
 symmetrically to int8 with a bf16 scale (codes computed against the rounded scale, so the kernel's
 dequantization q * scale is exactly what was intended); the error is at most half a step per weight.
-`aten._weight_int8pack_mm` wants bf16 activations.
+Few rows (decode) run on our own kernel (native.py, about 2x PyTorch's); many rows on
+`aten._weight_int8pack_mm`, which wants bf16 activations.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
+
+from ..native import int8_matmul
 
 ROWS_PER_STEP = 512  # rows decoded at a time: bounds load-time memory (640 columns: 1.25 MiB per fp32 temporary)
 
@@ -43,9 +46,9 @@ class Int8Linear(nn.Module):
         self.register_buffer("scales", scales)  # (N,) bf16
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xb = x.reshape(-1, self.in_features).to(torch.bfloat16)  # (M, K)
-        y = torch.ops.aten._weight_int8pack_mm(xb, self.codes, self.scales)  # (M, N)
-        return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
+        """(..., K) -> (..., N) in fp32 (these are logits: no rounding to bf16)."""
+        y = int8_matmul(x.reshape(-1, self.in_features), self.codes, self.scales)  # (M, N)
+        return y.view(*x.shape[:-1], self.out_features)
 
 
 class Int8Embedding(nn.Module):

@@ -1,0 +1,35 @@
+"""Our own C kernels (native.py) against exact float math, and the fallback to PyTorch's kernels."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from leanlm import native
+
+
+def reference(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    return (x.double() @ codes.double().T) * scales.double()
+
+
+# m: tails of the 4-row tiles, and beyond MAX_ROWS the fallback to PyTorch's kernel (which needs an even k);
+# k: a multiple of the vector width and an odd size
+@pytest.mark.parametrize(("m", "k"), [(1, 576), (3, 576), (4, 576), (9, 576), (1, 37), (9, 37),
+                                      (native.MAX_ROWS + 1, 576)])
+def test_int8_matmul_is_exact_float_math(m: int, k: int) -> None:
+    g = torch.Generator().manual_seed(k + m)
+    codes = torch.randint(-127, 128, (1000, k), dtype=torch.int8, generator=g)
+    scales = (torch.rand(1000, generator=g) / 50).to(torch.bfloat16)
+    x = torch.randn(m, k, generator=g).to(torch.bfloat16)
+    got = native.int8_matmul(x, codes, scales)
+    ref = reference(x, codes, scales)
+    assert got.dtype == torch.float32 and got.shape == (m, 1000)
+    # fp32 accumulation over k products: relative to the size of the terms, not of the (cancelling) sum
+    scale = (x.double().abs() @ codes.double().abs().T) * scales.double()
+    tol = 1e-5 if m <= native.MAX_ROWS else 1e-2  # PyTorch's kernel rounds its output to bf16
+    assert ((got.double() - ref).abs() / scale).max().item() < tol
+
+
+def test_native_library_builds_here() -> None:
+    """This machine has a C compiler: the kernels must build (a silent fallback would hide a slow path)."""
+    assert native.library() is not None
