@@ -59,6 +59,8 @@ def library() -> ctypes.CDLL | None:
     lib = ctypes.CDLL(str(so))
     lib.int8_matvec.argtypes = [_PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, ctypes.c_int]
     lib.int8_matvec.restype = None
+    lib.int4_dense_bf16.argtypes = [_PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, ctypes.c_int]
+    lib.int4_dense_bf16.restype = None
     return lib
 
 
@@ -81,3 +83,18 @@ def int8_matmul(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> t
 @int8_matmul.register_fake
 def _(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     return x.new_empty(x.shape[0], codes.shape[0], dtype=torch.float32)
+
+
+def int4_dense(packed: torch.Tensor, scales_zeros: torch.Tensor, mults: torch.Tensor | None, g: int,
+               n: int, k_packed: int) -> torch.Tensor | None:
+    """The dense bf16 (N, K) weight of an Int4Linear (planes summed), or None where the kernel is missing
+    or the layout is not one it handles (rows not a multiple of 64)."""
+    lib = library() if packed.device.type == "cpu" else None
+    P = 1 if mults is None else mults.numel()
+    if lib is None or n % 64 or k_packed % 32 or k_packed % (g * P):
+        return None
+    out = torch.empty(n, k_packed // P, dtype=torch.bfloat16)
+    m32 = None if mults is None else mults.float().flatten().contiguous()
+    lib.int4_dense_bf16(packed.data_ptr(), scales_zeros.data_ptr(), None if m32 is None else m32.data_ptr(),
+                        out.data_ptr(), n, k_packed, P, g, torch.get_num_threads())
+    return out

@@ -33,3 +33,26 @@ def test_int8_matmul_is_exact_float_math(m: int, k: int) -> None:
 def test_native_library_builds_here() -> None:
     """This machine has a C compiler: the kernels must build (a silent fallback would hide a slow path)."""
     assert native.library() is not None
+
+
+@pytest.mark.parametrize(("n", "k", "mults", "g"), [(128, 96, (1.0,), 32), (192, 64, (1.0, 16.0), 32),
+                                                    (64, 64, (1.0, 8.0), 16), (64, 64, (1.0, 0.0, 16.0), 16)])
+def test_int4_dense_unpacks_the_kernel_layout(n: int, k: int, mults: tuple[float, ...], g: int) -> None:
+    """The dense bf16 weight an Int4Linear unpacks for prefill is its exact weight, rounded once to bf16; one
+    plane or several (wider formats), groups of 32 or 16; and prefill-sized inputs use it."""
+    from leanlm.quant.int4 import DENSE_ROWS, Int4Linear, Int4Parts
+
+    gen = torch.Generator().manual_seed(n + len(mults))
+    kp = k * len(mults)
+    parts = Int4Parts(torch.randint(0, 16, (n, kp), generator=gen),
+                      (torch.rand(n, kp // 32, generator=gen) / 10).bfloat16().float(),
+                      (torch.randn(n, kp // 32, generator=gen) / 10).bfloat16().float(), g, mults)
+    lin = Int4Linear(parts)
+    exact = parts.dense()
+    assert torch.equal(lin.dense_bf16(), exact.to(torch.bfloat16))
+    x = torch.randn(DENSE_ROWS, k, generator=gen).bfloat16()
+    ref = x.double() @ exact.double().T
+    terms = x.double().abs() @ exact.double().abs().T  # the size of what is summed
+    for rows in (x, x[:3]):  # the dense path and the int4 kernel agree with exact math (bf16 rounding)
+        got = lin(rows).double()
+        assert ((got - ref[:len(rows)]).abs() / terms[:len(rows)]).max().item() < 0.01
