@@ -107,6 +107,26 @@ class ModelCache:
             shared[w] = (slots, attention_mask(positions, pos[:, :min(kv_len, size)], w))
         return [shared[b.window] for b in self.layers]
 
+    def rows(self, lo: int, hi: int) -> ModelCache:
+        """A cache over batch rows lo..hi-1 that shares this one's memory (views along the batch axis).
+
+        The serving engine prefills one sequence into its own row and decodes rows 0..hi-1 together.
+        """
+        view = ModelCache.__new__(ModelCache)
+        view.max_len, view.chunk, view.kv_len = self.max_len, self.chunk, self.kv_len
+        view.slot_pos = {w: t[lo:hi] for w, t in self.slot_pos.items()}
+        view.layers = []
+        for b in self.layers:
+            kb = KVBuffer.__new__(KVBuffer)
+            kb.window, kb.pos, kb.k, kb.v = b.window, view.slot_pos[b.window], b.k[lo:hi], b.v[lo:hi]
+            view.layers.append(kb)
+        return view
+
+    def clear_row(self, row: int) -> None:
+        """Forget everything row `row` held (its keys stay in memory but are masked out)."""
+        for t in self.slot_pos.values():
+            t[row] = -1
+
     def tensors(self) -> list[torch.Tensor]:
         return list(self.slot_pos.values()) + [t for b in self.layers for t in (b.k, b.v)]
 

@@ -134,6 +134,12 @@ def cmd_bench(a: argparse.Namespace) -> None:
     bench_main(a)
 
 
+def cmd_serve(a: argparse.Namespace) -> None:
+    from .serve.server import serve
+
+    serve(_load(a), a.model, host=a.host, port=a.port, api_key=a.api_key, max_batch=a.max_batch, ctx=a.ctx)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="leanlm", description="A lean, fast LLM runtime.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -187,6 +193,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--price-per-hour", type=float, default=None, metavar="USD",
                    help="machine price: report USD per million generated tokens")
     s.set_defaults(fn=cmd_bench, compile="on")
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching")
+    _add_model(s, optional=True)
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on API routes")
+    s.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (default 8)")
+    s.add_argument("--ctx", type=int, default=2048, help="context per sequence in tokens (default 2048)")
+    s.set_defaults(fn=cmd_serve)
     return p
 
 

@@ -24,6 +24,8 @@ class SamplingParams:
     repeat_last_n: int = 64
     seed: int | None = None
     stop: tuple[str, ...] = field(default_factory=tuple)
+    presence_penalty: float = 0.0  # OpenAI's: minus this from every token generated so far (serving engine)
+    frequency_penalty: float = 0.0  # OpenAI's: minus this times the token's count in the generated text
     ignore_eos: bool = False
 
     def __post_init__(self) -> None:
@@ -35,6 +37,8 @@ class SamplingParams:
             (0.0 <= self.min_p <= 1.0, "min_p must be in [0, 1]"),
             (self.repeat_penalty > 0, "repeat_penalty must be > 0"),
             (self.repeat_last_n >= 0, "repeat_last_n must be >= 0"),
+            (-2.0 <= self.presence_penalty <= 2.0, "presence_penalty must be in [-2, 2]"),
+            (-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty must be in [-2, 2]"),
         ]
         for ok, msg in checks:
             if not ok:

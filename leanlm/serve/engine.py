@@ -1,0 +1,235 @@
+"""Continuous batching: requests join and leave the running batch between decode steps.
+
+Split as in nano-vllm: a `Sequence` holds one request's state; the `Engine` gives each sequence a row of
+one shared KV cache (`ModelCache` with `max_batch` rows) and runs, per iteration, at most one prefill
+chunk (so a long prompt delays the others by one chunk, not by its whole prefill) and then one decode
+step: a single batched forward over rows 0..hi-1, hi being one past the highest busy row.
+
+Rows inside 0..hi-1 that are not decoding still go through that forward, with a harmless input:
+- an idle row is fed position 0; `ModelCache.clear_row` forgets it when a sequence takes the row;
+- a row in the middle of its prefill is fed its next prompt position P. That writes junk into slot
+  P % size, which the row's next prefill chunk overwrites before anything reads it. Example: row 2 has
+  prefilled positions 0..255 of a 600-token prompt; a decode step feeds it position 256, so slot 256 holds
+  junk; the next chunk writes positions 256..511 (slot 256 included) and only then attends.
+The forward's outputs for those rows are dropped.
+
+The engine runs in its own thread; `emit` callbacks are called from it (the server hops them onto its
+event loop).
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+import traceback
+from collections import deque
+from collections.abc import Callable
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass
+
+import torch
+
+from ..cache import ModelCache
+from ..errors import LeanLMError
+from ..llm import LLM
+from ..sampling import SamplingParams, sample
+from ..stops import StopStrings
+from ..tokenizer import StreamDecoder
+
+
+@dataclass
+class Output:
+    """One event of a sequence: a piece of text (with its token), or the end (finish_reason set)."""
+
+    text: str = ""
+    token: int | None = None
+    finish_reason: str | None = None  # "stop", "length" or "abort"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+Emit = Callable[[Output], None]
+
+
+class Sequence:
+    def __init__(self, prompt: Seq[int], params: SamplingParams, emit: Emit, llm: LLM, max_len: int) -> None:
+        self.prompt, self.params, self.emit = list(prompt), params, emit
+        n = len(self.prompt)
+        self.max_tokens = min(params.max_tokens, max_len - n)
+        self.row = -1
+        self.prefilled = 0  # prompt tokens already in the cache
+        self.next_token: int | None = None  # sampled, not yet fed back
+        self.generated: list[int] = []
+        self.history = torch.zeros(1, n + max(self.max_tokens, 1), dtype=torch.long)
+        self.history[0, :n] = torch.tensor(self.prompt)
+        self.generator = torch.Generator()
+        if params.seed is not None:
+            self.generator.manual_seed(params.seed)
+        else:
+            self.generator.seed()
+        self.detok, self.stops = StreamDecoder(llm.tokenizer), StopStrings(params.stop)
+        self.stop_ids = frozenset() if params.ignore_eos else llm.tokenizer.eos_ids
+        self.cancelled = self.finished = False
+        self.arrived = time.perf_counter()
+
+    @property
+    def decoding(self) -> bool:
+        return self.next_token is not None
+
+    @property
+    def position(self) -> int:
+        """Position of the token fed next (next_token while decoding, else the next prompt token)."""
+        return len(self.prompt) + len(self.generated) - 1 if self.decoding else self.prefilled
+
+    def cancel(self) -> None:
+        """Stop this sequence at the next engine iteration (a client went away)."""
+        self.cancelled = True
+
+
+class Engine:
+    def __init__(self, llm: LLM, max_batch: int = 8, max_len: int | None = None, chunk: int = 256) -> None:
+        cfg = llm.model.cfg
+        self.llm, self.max_batch, self.chunk = llm, max_batch, chunk
+        self.max_len = min(max_len or cfg.context_length, cfg.context_length)
+        self.cache = ModelCache(cfg, max_batch, self.max_len, chunk, llm.model.dtype, llm.model.device)
+        self.rows: list[Sequence | None] = [None] * max_batch
+        self.waiting: deque[Sequence] = deque()
+        self._wake = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._running = False
+        self.steps = 0  # decode steps run
+        self.last_batch = 0  # sequences decoded in the last step
+
+    # --- requests ----------------------------------------------------------------------------
+    def submit(self, prompt: Seq[int], params: SamplingParams, emit: Emit) -> Sequence:
+        if not prompt:
+            raise LeanLMError("the prompt is empty")
+        if len(prompt) >= self.max_len:
+            raise LeanLMError(f"the prompt is {len(prompt)} tokens, which does not fit the context of "
+                              f"{self.max_len} tokens")
+        seq = Sequence(prompt, params, emit, self.llm, self.max_len)
+        with self._wake:
+            self.waiting.append(seq)
+            self._wake.notify()
+        return seq
+
+    @property
+    def queued(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def active(self) -> int:
+        return sum(s is not None for s in self.rows)
+
+    # --- the loop ----------------------------------------------------------------------------
+    def start(self) -> None:
+        self._running = True
+        self._thread = threading.Thread(target=self._loop, name="leanlm-engine", daemon=True)
+        self._thread.start()
+
+    def shutdown(self) -> None:
+        with self._wake:
+            self._running = False
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _loop(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self._wake:
+                    while self._running and not self.waiting and not self.active:
+                        self._wake.wait()
+                    if not self._running:
+                        return
+                try:
+                    self.step()
+                except Exception:  # a bug must not take the server down: end what was running, keep serving
+                    traceback.print_exc(file=sys.stderr)
+                    for seq in self.rows:
+                        if seq is not None:
+                            self._finish(seq, "abort", "", flush=False)
+
+    def step(self) -> None:
+        """One iteration: retire cancelled sequences, admit waiting ones, one prefill chunk, one decode step."""
+        for seq in self.rows:
+            if seq is not None and seq.cancelled:
+                self._finish(seq, "abort", "")
+        with self._wake:
+            for r in range(self.max_batch):
+                if self.rows[r] is None and self.waiting:
+                    seq = self.waiting.popleft()
+                    if seq.cancelled:
+                        continue
+                    seq.row, self.rows[r] = r, seq
+                    self.cache.clear_row(r)
+        prefilling = [s for s in self.rows if s is not None and not s.decoding]
+        if prefilling:
+            self._prefill_chunk(min(prefilling, key=lambda s: s.arrived))
+        if any(s is not None and s.decoding for s in self.rows):
+            self._decode()
+
+    def _prefill_chunk(self, seq: Sequence) -> None:
+        s, n = seq.prefilled, len(seq.prompt)
+        e = min(n, s + self.chunk)
+        model = self.llm.model
+        ids = torch.tensor([seq.prompt[s:e]], device=model.device)
+        pos = torch.arange(s, e, device=model.device)[None]
+        logits = model(ids, pos, self.cache.rows(seq.row, seq.row + 1), last_only=True, kv_len=e)
+        seq.prefilled = e
+        if e == n:
+            if seq.max_tokens <= 0:
+                self._finish(seq, "length", "")
+            else:
+                self._accept(seq, logits[:, -1])
+
+    def _decode(self) -> None:
+        hi = max(r for r, s in enumerate(self.rows) if s is not None) + 1
+        tokens = torch.zeros(hi, 1, dtype=torch.long)
+        positions = torch.zeros(hi, 1, dtype=torch.long)
+        live = []
+        for r, seq in enumerate(self.rows[:hi]):
+            if seq is not None:
+                positions[r, 0] = seq.position
+                if seq.decoding:
+                    tokens[r, 0] = seq.next_token
+                    live.append(seq)
+        kv_len = int(positions.max()) + 1
+        step = self.llm.decode_step(hi)
+        logits = step(self.llm.model, self.cache.rows(0, hi), tokens, positions, kv_len)
+        self.steps, self.last_batch = self.steps + 1, len(live)
+        for seq in live:
+            self._accept(seq, logits[seq.row:seq.row + 1])
+
+    # --- tokens out --------------------------------------------------------------------------
+    def _accept(self, seq: Sequence, logits: torch.Tensor) -> None:
+        """Sample the next token from logits (1, V), stream it, and stop the sequence where it ends."""
+        p = seq.params
+        n_hist = len(seq.prompt) + len(seq.generated)
+        if seq.generated and (p.presence_penalty or p.frequency_penalty):
+            counts = torch.bincount(torch.tensor(seq.generated), minlength=logits.shape[-1]).float()
+            logits = logits.float() - p.frequency_penalty * counts - p.presence_penalty * (counts > 0).float()
+        tid = int(sample(logits, p, seq.history[:, :n_hist], seq.generator)[0])
+        seq.generated.append(tid)
+        if n_hist < seq.history.shape[1]:
+            seq.history[0, n_hist] = tid
+        if tid in seq.stop_ids:
+            return self._finish(seq, "stop", "")
+        text = seq.stops.push(seq.detok.push(tid))
+        if seq.stops.stopped:
+            return self._finish(seq, "stop", text, flush=False)
+        if len(seq.generated) >= seq.max_tokens:
+            return self._finish(seq, "length", text)
+        seq.next_token = tid
+        seq.emit(Output(text, tid, None, len(seq.prompt), len(seq.generated)))
+
+    def _finish(self, seq: Sequence, reason: str, text: str, flush: bool = True) -> None:
+        if flush and reason != "abort":
+            tail = seq.stops.push(seq.detok.flush())
+            text += tail if seq.stops.stopped else tail + seq.stops.flush()
+        seq.finished, seq.next_token = True, None
+        if seq.row >= 0:
+            self.rows[seq.row] = None
+        seq.emit(Output(text, seq.generated[-1] if seq.generated else None, reason, len(seq.prompt),
+                        len(seq.generated)))

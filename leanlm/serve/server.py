@@ -1,0 +1,34 @@
+"""`leanlm serve`: the engine thread plus uvicorn running the app."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from ..errors import LeanLMError
+from ..llm import LLM
+from .app import create_app
+from .engine import Engine
+
+
+def model_id(name: str) -> str:
+    """The id clients send as `model`: a registry name as given, a file or folder by its stem."""
+    p = Path(name)
+    return p.stem if p.suffix or p.is_dir() else name
+
+
+def serve(llm: LLM, model: str, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+          max_batch: int = 8, ctx: int = 2048) -> None:
+    import uvicorn
+
+    if max_batch < 1 or ctx < 2:
+        raise LeanLMError("--max-batch must be >= 1 and --ctx >= 2")
+    engine = Engine(llm, max_batch=max_batch, max_len=ctx, chunk=min(256, llm.prefill_chunk))
+    engine.start()
+    name = model_id(model)
+    print(f"leanlm: serving '{name}' on http://{host}:{port} (OpenAI API under /v1; batch {max_batch}, "
+          f"context {engine.max_len})", file=sys.stderr)
+    try:
+        uvicorn.run(create_app(llm, engine, name, api_key), host=host, port=port, log_level="warning")
+    finally:
+        engine.shutdown()

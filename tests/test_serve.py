@@ -1,0 +1,190 @@
+"""The OpenAI-compatible server, driven by the real `openai` client and by raw HTTP for the error cases.
+
+One server (SmolLM2, eager decode, batch 4, context 512) runs in a thread for the whole module; greedy
+answers are compared with the Python API's, which generates one sequence at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+openai = pytest.importorskip("openai")
+uvicorn = pytest.importorskip("uvicorn")
+
+import leanlm  # noqa: E402
+from leanlm.serve.app import create_app  # noqa: E402
+from leanlm.serve.engine import Engine  # noqa: E402
+
+KEY = "sk-test"
+
+
+@pytest.fixture(scope="module")
+def llm(smol_path: Path) -> leanlm.LLM:
+    return leanlm.load(smol_path, compile="off", progress=False)
+
+
+@pytest.fixture(scope="module")
+def server(llm: leanlm.LLM) -> Iterator[str]:
+    engine = Engine(llm, max_batch=4, max_len=512, chunk=64)
+    engine.start()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = uvicorn.Config(create_app(llm, engine, "smol", api_key=KEY), host="127.0.0.1", port=port,
+                            log_level="warning")
+    srv = uvicorn.Server(config)
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    while not srv.started:
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    srv.should_exit = True
+    thread.join()
+    engine.shutdown()
+
+
+@pytest.fixture(scope="module")
+def client(server: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server + "/v1", api_key=KEY, max_retries=0)
+
+
+def greedy(llm: leanlm.LLM, messages: list[dict], n: int) -> str:
+    return "".join(llm.chat(messages, max_tokens=n, temperature=0))
+
+
+QUESTIONS = ["What is the capital of France?", "Name three colors.", "Count from one to five.",
+             "Write a haiku about rain.", "What is 12 times 12?", "Say hello in Spanish."]
+
+
+def test_models_and_health(client: openai.OpenAI, server: str) -> None:
+    assert [m.id for m in client.models.list().data] == ["smol"]
+    assert httpx.get(server + "/health").json()["status"] == "ok"  # no key needed
+
+
+def test_chat_greedy_equals_the_python_api(client: openai.OpenAI, llm: leanlm.LLM) -> None:
+    msgs = [{"role": "user", "content": QUESTIONS[0]}]
+    r = client.chat.completions.create(model="smol", messages=msgs, max_tokens=24, temperature=0)
+    assert r.choices[0].message.content == greedy(llm, msgs, 24)
+    assert r.choices[0].finish_reason in ("stop", "length")
+    assert r.usage.prompt_tokens == len(llm.chat_prompt(msgs)) and r.usage.completion_tokens > 0
+
+
+def test_concurrent_requests_each_get_their_own_answer(client: openai.OpenAI, llm: leanlm.LLM) -> None:
+    """Six requests on four batch rows: they join and leave the batch, and each answer equals the lone one."""
+    results: dict[int, str] = {}
+
+    def ask(i: int) -> None:
+        r = client.chat.completions.create(model="smol", messages=[{"role": "user", "content": QUESTIONS[i]}],
+                                           max_tokens=20 + 3 * i, temperature=0)
+        results[i] = r.choices[0].message.content
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(QUESTIONS))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i, q in enumerate(QUESTIONS):
+        assert results[i] == greedy(llm, [{"role": "user", "content": q}], 20 + 3 * i), q
+
+
+def test_streaming_with_usage(client: openai.OpenAI, llm: leanlm.LLM) -> None:
+    msgs = [{"role": "user", "content": QUESTIONS[3]}]
+    stream = client.chat.completions.create(model="smol", messages=msgs, max_tokens=16, temperature=0,
+                                            stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == greedy(llm, msgs, 16)
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] in ("stop", "length")
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens > 0
+    assert all(c.usage is None for c in chunks[:-1])
+
+
+def test_n_choices_and_seeded_sampling(client: openai.OpenAI) -> None:
+    kw = dict(model="smol", messages=[{"role": "user", "content": "Tell me a word."}], max_tokens=8,
+              temperature=1.0, seed=7, n=2)
+    a, b = client.chat.completions.create(**kw), client.chat.completions.create(**kw)
+    assert len(a.choices) == 2 and [c.index for c in a.choices] == [0, 1]
+    assert [c.message.content for c in a.choices] == [c.message.content for c in b.choices]
+
+
+def test_completions_prompt_forms(client: openai.OpenAI, llm: leanlm.LLM) -> None:
+    text = "The capital of France is"
+    ids = llm.encode_prompt(text)
+    expect = "".join(llm.generate(text, max_tokens=8, temperature=0))
+    for prompt in (text, [text], ids, [ids]):
+        r = client.completions.create(model="smol", prompt=prompt, max_tokens=8, temperature=0)
+        assert r.choices[0].text == expect
+        assert r.usage.prompt_tokens == len(ids)
+    r = client.completions.create(model="smol", prompt=[text, "One, two,"], max_tokens=4, temperature=0, n=2)
+    assert len(r.choices) == 4 and r.choices[0].text == r.choices[1].text == expect[:len(r.choices[0].text)]
+
+
+def test_stop_strings(client: openai.OpenAI, llm: leanlm.LLM) -> None:
+    full = "".join(llm.generate("One, two, three,", max_tokens=12, temperature=0))
+    stop = full.strip().split()[1]
+    r = client.completions.create(model="smol", prompt="One, two, three,", max_tokens=12, temperature=0, stop=[stop])
+    assert r.choices[0].finish_reason == "stop" and stop not in r.choices[0].text
+    assert full.startswith(r.choices[0].text)
+
+
+def test_tokenize_detokenize(server: str, llm: leanlm.LLM) -> None:
+    h = {"Authorization": f"Bearer {KEY}"}
+    t = httpx.post(server + "/tokenize", json={"prompt": "Hello world"}, headers=h).json()
+    assert t["tokens"] == llm.encode_prompt("Hello world") and t["count"] == len(t["tokens"])
+    d = httpx.post(server + "/detokenize", json={"tokens": t["tokens"]}, headers=h).json()
+    assert d["prompt"].endswith("Hello world")
+
+
+@pytest.mark.parametrize(("body", "status", "param"), [
+    (b"{not json", 400, None),
+    ({"messages": [{"role": "user", "content": "hi"}]}, 400, "model"),  # missing model
+    ({"model": "smol", "messages": "hi"}, 400, "messages"),  # wrong type
+    ({"model": "smol", "messages": []}, 400, "messages"),
+    ({"model": "nope", "messages": [{"role": "user", "content": "hi"}]}, 404, "model"),
+    ({"model": "smol", "messages": [{"role": "user", "content": "hi"}], "temperature": 5}, 400, "temperature"),
+    ({"model": "smol", "messages": [{"role": "user", "content": "hi"}], "top_p": 0}, 400, "top_p"),
+    ({"model": "smol", "messages": [{"role": "user", "content": "hi"}], "n": 0}, 400, "n"),
+    ({"model": "smol", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10_000}, 400, "max_tokens"),
+    ({"model": "smol", "messages": [{"role": "user", "content": "word " * 600}]}, 400, "messages"),
+    ({"model": "smol", "messages": [{"role": "user", "content": "hi"}],
+      "response_format": {"type": "json_object"}}, 400, "response_format"),
+])
+def test_bad_requests_get_openai_errors(server: str, body: object, status: int, param: str | None) -> None:
+    h = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    r = httpx.post(server + "/v1/chat/completions", content=data, headers=h)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    assert err["param"] == param
+
+
+def test_api_key_is_required(server: str) -> None:
+    body = {"model": "smol", "messages": [{"role": "user", "content": "hi"}]}
+    for headers in ({}, {"Authorization": "Bearer wrong"}):
+        r = httpx.post(server + "/v1/chat/completions", json=body, headers=headers)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+
+
+def test_disconnect_mid_stream_frees_the_row(server: str, client: openai.OpenAI) -> None:
+    h = {"Authorization": f"Bearer {KEY}"}
+    body = {"model": "smol", "messages": [{"role": "user", "content": "Write a long story."}], "max_tokens": 400,
+            "stream": True, "ignore_eos": True}
+    with httpx.stream("POST", server + "/v1/chat/completions", json=body, headers=h) as r:
+        for line in r.iter_lines():
+            if line.startswith("data:") and '"content"' in line:
+                break  # one token in: hang up
+    deadline = time.time() + 10
+    while httpx.get(server + "/health").json()["active"] and time.time() < deadline:
+        time.sleep(0.1)
+    assert httpx.get(server + "/health").json()["active"] == 0
+    r = client.chat.completions.create(model="smol", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+    assert r.choices[0].message.content  # still serving
