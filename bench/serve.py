@@ -75,9 +75,16 @@ def load(base: str, model: str, clients: int, per_client: int, max_tokens: int) 
     ttft, itl, tokens = [], [], []
     lock = threading.Lock()
 
+    errors = [0]
+
     def worker(c: int) -> None:
         for j in range(per_client):
-            t, gaps, n = one_request(base, model, PROMPTS[(c + j) % len(PROMPTS)], max_tokens)
+            try:
+                t, gaps, n = one_request(base, model, PROMPTS[(c + j) % len(PROMPTS)], max_tokens)
+            except httpx.HTTPError:  # counted, not fatal: some servers drop streams under load
+                with lock:
+                    errors[0] += 1
+                continue
             with lock:
                 ttft.append(t)
                 itl.extend(gaps)
@@ -94,7 +101,7 @@ def load(base: str, model: str, clients: int, per_client: int, max_tokens: int) 
     def pct(xs: list[float], q: float) -> float:
         return statistics.quantiles(xs, n=100)[q - 1] if len(xs) > 1 else (xs[0] if xs else float("nan"))
 
-    return {"clients": clients, "requests": len(tokens), "tokens": sum(tokens), "wall_s": wall,
+    return {"clients": clients, "requests": len(tokens), "errors": errors[0], "tokens": sum(tokens), "wall_s": wall,
             "tokens_per_s": sum(tokens) / wall, "ttft_p50_s": pct(ttft, 50), "ttft_p95_s": pct(ttft, 95),
             "itl_p50_ms": pct(itl, 50) * 1e3, "itl_p95_ms": pct(itl, 95) * 1e3}
 
@@ -123,11 +130,12 @@ def main() -> None:
         finally:
             proc.terminate()
             proc.wait()
-    print(f"{'engine':10} {'clients':>7} {'tok/s':>8} {'TTFT p50':>9} {'TTFT p95':>9} {'ITL p50':>8} {'ITL p95':>8}")
+    print(f"{'engine':10} {'clients':>7} {'tok/s':>8} {'TTFT p50':>9} {'TTFT p95':>9} {'ITL p50':>8} "
+          f"{'ITL p95':>8} {'errors':>7}")
     for engine, rows in out["runs"].items():
         for r in rows:
             print(f"{engine:10} {r['clients']:>7} {r['tokens_per_s']:>8.1f} {r['ttft_p50_s']:>8.2f}s "
-                  f"{r['ttft_p95_s']:>8.2f}s {r['itl_p50_ms']:>6.1f}ms {r['itl_p95_ms']:>6.1f}ms")
+                  f"{r['ttft_p95_s']:>8.2f}s {r['itl_p50_ms']:>6.1f}ms {r['itl_p95_ms']:>6.1f}ms {r['errors']:>7}")
     if a.json:
         Path(a.json).write_text(json.dumps(out, indent=1))
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import sys
+import threading
+import time
 from pathlib import Path
 
 from ..errors import LeanLMError
@@ -24,11 +26,30 @@ def serve(llm: LLM, model: str, *, host: str = "127.0.0.1", port: int = 8000, ap
     if max_batch < 1 or ctx < 2:
         raise LeanLMError("--max-batch must be >= 1 and --ctx >= 2")
     engine = Engine(llm, max_batch=max_batch, max_len=ctx, chunk=min(256, llm.prefill_chunk))
-    engine.start()
+    for batch in {1, min(2, max_batch)}:  # load (or, with --compile on, build) the decode steps before serving
+        llm.decode_step(batch)
     name = model_id(model)
+    config = uvicorn.Config(create_app(llm, engine, name, api_key), host=host, port=port, log_level="warning")
+    server = uvicorn.Server(config)
+    # HTTP on a thread, the engine on the main thread (see Engine.start for why)
+    http = threading.Thread(target=server.run, name="leanlm-http", daemon=True)
+    http.start()
+    while not server.started:
+        if not http.is_alive():
+            raise LeanLMError(f"could not serve on {host}:{port} (is the port in use?)")
+        time.sleep(0.05)
+    threading.Thread(target=_stop_when_done, args=(http, engine), daemon=True).start()
     print(f"leanlm: serving '{name}' on http://{host}:{port} (OpenAI API under /v1; batch {max_batch}, "
           f"context {engine.max_len})", file=sys.stderr)
     try:
-        uvicorn.run(create_app(llm, engine, name, api_key), host=host, port=port, log_level="warning")
+        engine.run_forever()
+    except KeyboardInterrupt:
+        pass
     finally:
-        engine.shutdown()
+        server.should_exit = True
+        http.join(timeout=5)
+
+
+def _stop_when_done(http: threading.Thread, engine: Engine) -> None:
+    http.join()
+    engine.shutdown_nowait()
