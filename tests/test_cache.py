@@ -4,21 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_models import random_transformer
 
 from leanlm.cache import ModelCache, attention_mask
-from leanlm.config import ModelConfig
 from leanlm.model import Transformer
 
 
 def tiny(windows: tuple[int | None, ...], **kw) -> Transformer:
-    cfg = ModelConfig(arch="test", vocab_size=64, dim=32, n_layers=len(windows), n_heads=4, n_kv_heads=2,
-                      head_dim=8, hidden_dim=48, layer_windows=windows, **kw)
-    torch.manual_seed(0)
-    m = Transformer(cfg).eval()
-    with torch.no_grad():
-        for p in m.parameters():
-            p.normal_(0, 0.3)
-    return m
+    return random_transformer(windows, **kw)
 
 
 def run_cached(m: Transformer, ids: torch.Tensor, chunk: int, decode_from: int) -> torch.Tensor:

@@ -10,22 +10,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import random_transformer
 
 from leanlm import compiled
 from leanlm.cache import ModelCache
-from leanlm.config import ModelConfig
 from leanlm.model import Transformer
 
 
 def tiny(**kw) -> Transformer:
-    cfg = ModelConfig(arch="test", vocab_size=96, dim=32, n_layers=3, n_heads=4, n_kv_heads=2, head_dim=16,
-                      hidden_dim=48, layer_windows=(4, None, 4), qk_norm=True, rope_local_base=100.0, **kw)
-    torch.manual_seed(0)
-    m = Transformer(cfg).eval()
-    with torch.no_grad():
-        for p in m.parameters():
-            p.normal_(0, 0.3)
-    return m
+    return random_transformer((4, None, 4), vocab_size=96, head_dim=16, qk_norm=True, rope_local_base=100.0, **kw)
 
 
 @pytest.fixture(scope="module")

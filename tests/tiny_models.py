@@ -1,4 +1,4 @@
-"""A tiny random Mistral checkpoint folder (sliding window 16) with a tiny tokenizer, for folder tests."""
+"""Tiny random models: a leanlm Transformer from a config, and a Mistral checkpoint folder with a tokenizer."""
 
 from __future__ import annotations
 
@@ -19,3 +19,19 @@ def write_tiny_mistral(folder: Path, tokenizer_kind: str = "sentencepiece") -> P
     transformers.MistralForCausalLM(cfg).save_pretrained(folder)
     write_tiny_tokenizer(folder, kind=tokenizer_kind, vocab_size=512)
     return folder
+
+
+def random_transformer(windows: tuple[int | None, ...], *, std: float = 0.3, **cfg: object):  # noqa: ANN201
+    """A leanlm Transformer (eval mode) with every parameter drawn from N(0, std), seed 0. Defaults: vocab 64,
+    dim 32, 4 query / 2 KV heads of 8, MLP 48, one layer per entry of `windows`; `cfg` overrides any field."""
+    from leanlm.config import ModelConfig
+    from leanlm.model import Transformer
+
+    fields = dict(arch="test", vocab_size=64, dim=32, n_layers=len(windows), n_heads=4, n_kv_heads=2, head_dim=8,
+                  hidden_dim=48, layer_windows=windows) | cfg
+    torch.manual_seed(0)
+    m = Transformer(ModelConfig(**fields)).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0, std)
+    return m
