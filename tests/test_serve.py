@@ -188,3 +188,35 @@ def test_disconnect_mid_stream_frees_the_row(server: str, client: openai.OpenAI)
     assert httpx.get(server + "/health").json()["active"] == 0
     r = client.chat.completions.create(model="smol", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
     assert r.choices[0].message.content  # still serving
+
+
+def test_metrics_count_requests_tokens_and_latencies(server: str, client: openai.OpenAI) -> None:
+    def value(text: str, name: str) -> float:
+        return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " ") or
+                   line.startswith(name + "{"))
+
+    before = httpx.get(server + "/metrics").text
+    r = client.chat.completions.create(model="smol", messages=[{"role": "user", "content": "hi"}], max_tokens=5,
+                                       temperature=0)
+    httpx.post(server + "/v1/chat/completions", json={"model": "nope", "messages": []},
+               headers={"Authorization": f"Bearer {KEY}"})
+    after = httpx.get(server + "/metrics").text
+    gen = r.usage.completion_tokens
+    assert value(after, "leanlm_generated_tokens_total") - value(before, "leanlm_generated_tokens_total") == gen
+    assert value(after, "leanlm_prompt_tokens_total") - value(before, "leanlm_prompt_tokens_total") == \
+        r.usage.prompt_tokens
+    ok = 'leanlm_requests_total{route="/v1/chat/completions",status="200"}'
+    bad = 'leanlm_requests_total{route="/v1/chat/completions",status="400"}'
+    assert value(after, ok) - value(before, ok) == 1 and value(after, bad) - value(before, bad) == 1
+    assert value(after, "leanlm_time_to_first_token_seconds_count") > \
+        value(before, "leanlm_time_to_first_token_seconds_count")
+    assert value(after, "leanlm_inter_token_latency_seconds_count") - \
+        value(before, "leanlm_inter_token_latency_seconds_count") >= gen - 1
+    for gauge in ("leanlm_queue_length", "leanlm_batch_size", "leanlm_active_sequences"):
+        assert gauge in after
+
+
+def test_chat_page_is_served(server: str) -> None:
+    r = httpx.get(server + "/")  # no key needed for the page itself
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    assert "/v1/chat/completions" in r.text and "stream: true" in r.text

@@ -9,17 +9,21 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import LeanLMError
 from ..llm import LLM
 from .engine import Engine, Output, Sequence
+from .metrics import Metrics
 from .protocol import (
     ChatRequest,
     CompletionRequest,
@@ -32,7 +36,10 @@ from .protocol import (
     usage,
 )
 
-OPEN_PATHS = ("/health", "/", "/docs", "/openapi.json")
+CHAT_PAGE = Path(__file__).parent / "static" / "chat.html"
+KNOWN_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/tokenize", "/detokenize", "/health",
+                "/metrics", "/")
+OPEN_PATHS = ("/health", "/metrics", "/", "/docs", "/openapi.json")
 
 
 class APIError(Exception):
@@ -44,6 +51,7 @@ class APIError(Exception):
 
 def create_app(llm: LLM, engine: Engine, model_name: str, api_key: str | None = None) -> FastAPI:
     app = FastAPI(title="leanlm", docs_url="/docs")
+    metrics = Metrics(engine)
 
     # --- errors and auth ---------------------------------------------------------------------
     def err(status: int, message: str, param: str | None = None, code: str | None = None,
@@ -69,12 +77,16 @@ def create_app(llm: LLM, engine: Engine, model_name: str, api_key: str | None = 
                    "invalid_request_error")
 
     @app.middleware("http")
-    async def _auth(request: Request, call_next: Any) -> Any:
-        if api_key and request.url.path not in OPEN_PATHS:
-            if request.headers.get("authorization", "") != f"Bearer {api_key}":
-                return err(401, "missing or wrong API key (send 'Authorization: Bearer KEY')", None,
+    async def _auth_and_count(request: Request, call_next: Any) -> Any:
+        if api_key and request.url.path not in OPEN_PATHS and \
+                request.headers.get("authorization", "") != f"Bearer {api_key}":
+            response = err(401, "missing or wrong API key (send 'Authorization: Bearer KEY')", None,
                            "invalid_api_key", "authentication_error")
-        return await call_next(request)
+        else:
+            response = await call_next(request)
+        route = request.url.path if request.url.path in KNOWN_ROUTES else "other"
+        metrics.requests.labels(route=route, status=str(response.status_code)).inc()
+        return response
 
     # --- helpers ------------------------------------------------------------------------------
     def check(req: SamplingFields) -> None:
@@ -111,7 +123,7 @@ def create_app(llm: LLM, engine: Engine, model_name: str, api_key: str | None = 
 
     async def events(request: Request, queue: asyncio.Queue, seqs: list[Sequence]) -> AsyncIterator[tuple[int, Output]]:
         """(choice index, event) until every sequence finished; cancels them all if the caller stops early."""
-        left = len(seqs)
+        left, t0, last = len(seqs), time.perf_counter(), {}
         try:
             while left:
                 try:
@@ -120,7 +132,14 @@ def create_app(llm: LLM, engine: Engine, model_name: str, api_key: str | None = 
                     if await request.is_disconnected():
                         return
                     continue
-                left -= o.finish_reason is not None
+                t = time.perf_counter()
+                if o.token is not None:
+                    (metrics.itl.observe(t - last[i]) if i in last else metrics.ttft.observe(t - t0))
+                    last[i] = t
+                if o.finish_reason is not None:
+                    left -= 1
+                    metrics.prompt_tokens.inc(o.prompt_tokens)
+                    metrics.generated_tokens.inc(o.completion_tokens)
                 yield i, o
         finally:
             for s in seqs:
@@ -186,6 +205,14 @@ def create_app(llm: LLM, engine: Engine, model_name: str, api_key: str | None = 
     @app.get("/health")
     async def health() -> dict[str, Any]:
         return {"status": "ok", "model": model_name, "active": engine.active, "queued": engine.queued}
+
+    @app.get("/")
+    async def chat_page() -> Response:
+        return Response(CHAT_PAGE.read_bytes(), media_type="text/html; charset=utf-8")
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
