@@ -220,3 +220,65 @@ def test_chat_page_is_served(server: str) -> None:
     r = httpx.get(server + "/")  # no key needed for the page itself
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
     assert "/v1/chat/completions" in r.text and "stream: true" in r.text
+
+
+def loglikelihood(llm: leanlm.LLM, context: list[int], cont: list[int]) -> float:
+    """The Python API's log P(cont | context)."""
+    import torch
+
+    ids = context + cont
+    logp = torch.log_softmax(llm.logits(ids).float(), -1)
+    return sum(float(logp[len(context) + j - 1, t]) for j, t in enumerate(cont))
+
+
+def local_greedy(llm: leanlm.LLM, context: list[int], cont: list[int]) -> bool:
+    logits = llm.logits(context + cont)
+    return all(int(logits[len(context) + j - 1].argmax()) == t for j, t in enumerate(cont))
+
+
+def test_echo_logprobs_score_the_prompt_like_lm_eval(client: openai.OpenAI, llm: leanlm.LLM) -> None:
+    """What lm-evaluation-harness's local-completions does for a multiple-choice question: send context +
+    continuation tokens with echo, logprobs=1, temperature 0 (max_tokens 0 in old versions, 1 in new), sum the
+    continuation's token_logprobs, and check greediness against top_logprobs. Each loglikelihood must equal the
+    Python API's to 1e-4, and the answer picked must be the same."""
+    context = llm.encode_prompt("Question: What is the capital of France?\nAnswer:")
+    options = [" Paris", " London", " a banana"]
+    served, local = [], []
+    for k, opt in enumerate(options):
+        cont = llm.tokenizer.encode(opt, add_bos=False)
+        r = client.completions.create(model="smol", prompt=context + cont, max_tokens=k % 2, temperature=0,
+                                      logprobs=1, echo=True)
+        lp = r.choices[0].logprobs
+        n = len(context) + len(cont)
+        assert len(lp.token_logprobs) == n + (k % 2) and lp.token_logprobs[0] is None
+        assert lp.top_logprobs[0] is None and all(len(d) == 1 for d in lp.top_logprobs[1:n])
+        served.append(sum(lp.token_logprobs[len(context):n]))
+        local.append(loglikelihood(llm, context, cont))
+        greedy = all(max(d, key=d.get) == t for d, t in zip(lp.top_logprobs[len(context):n], lp.tokens[len(context):n]))
+        assert greedy == local_greedy(llm, context, cont)
+        assert r.choices[0].text.startswith(llm.tokenizer.decode(context + cont, skip_special=False))
+    assert max(abs(a - b) for a, b in zip(served, local)) < 1e-4
+    assert served.index(max(served)) == local.index(max(local)) == 0
+
+
+def test_chat_logprobs(client: openai.OpenAI, llm: leanlm.LLM) -> None:
+    msgs = [{"role": "user", "content": QUESTIONS[4]}]
+    r = client.chat.completions.create(model="smol", messages=msgs, max_tokens=8, temperature=0, logprobs=True,
+                                       top_logprobs=3)
+    content = r.choices[0].logprobs.content
+    assert "".join(c.token for c in content) == r.choices[0].message.content
+    for c in content:  # greedy: the chosen token is the most likely one, and listed first
+        assert len(c.top_logprobs) == 3 and c.top_logprobs[0].token == c.token
+        assert abs(c.top_logprobs[0].logprob - c.logprob) < 1e-6 and c.logprob <= 0
+    ids = llm.chat_prompt(msgs)
+    first = llm.tokenizer.encode(content[0].token, add_bos=False)
+    assert abs(loglikelihood(llm, ids, first[:1]) - content[0].logprob) < 1e-3  # batched bf16 decode vs fp32-out
+
+
+def test_bad_logprob_requests(server: str) -> None:
+    h = {"Authorization": f"Bearer {KEY}"}
+    for body, param in (({"prompt": "hi", "max_tokens": 0}, "max_tokens"),
+                        ({"prompt": "hi", "logprobs": 21}, "logprobs"),
+                        ({"prompt": "hi", "echo": True, "stream": True}, "echo")):
+        r = httpx.post(server + "/v1/completions", json={"model": "smol", **body}, headers=h)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -114,7 +115,7 @@ def create_app(llm: LLM, engine: Engine, model_name: str, api_key: str | None = 
             def emit(o: Output, i: int = i) -> None:
                 loop.call_soon_threadsafe(queue.put_nowait, (i, o))
             try:
-                seqs.append(engine.submit(ids, req.params(max_tokens, i), emit))
+                seqs.append(engine.submit(ids, req.params(max_tokens, i), emit, req.n_logprobs()))
             except LeanLMError as e:
                 for s in seqs:
                     s.cancel()
@@ -145,36 +146,87 @@ def create_app(llm: LLM, engine: Engine, model_name: str, api_key: str | None = 
             for s in seqs:
                 s.cancel()
 
+    tok = llm.tokenizer
+
+    def piece(t: int) -> str:
+        return tok.token_bytes(t).decode("utf-8", errors="replace")
+
+    def chat_logprob(t: int, lp: float, top: list[tuple[int, float]] | None) -> dict[str, Any]:
+        entry = lambda i, v: {"token": piece(i), "logprob": v, "bytes": list(tok.token_bytes(i))}  # noqa: E731
+        return {**entry(t, lp), "top_logprobs": [entry(i, v) for i, v in (top or [])]}
+
+    def text_logprobs(items: list[tuple[int, float | None, list[tuple[int, float]] | None]],
+                      offset: int = 0) -> dict[str, Any]:
+        """Legacy completions format: tokens, token_logprobs, top_logprobs (one dict per position), text_offset."""
+        out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for t, lp, top in items:
+            out["tokens"].append(piece(t))
+            out["token_logprobs"].append(lp)
+            out["top_logprobs"].append(None if top is None else {piece(i): v for i, v in top})
+            out["text_offset"].append(offset)
+            offset += len(out["tokens"][-1])
+        return out
+
+    def scored(o: Output) -> bool:
+        """Does this event carry a token that belongs in logprobs (not an end-of-sequence token)?"""
+        return o.token is not None and o.logprob is not None and not (
+            o.finish_reason == "stop" and o.token in tok.eos_ids and not o.text)
+
     def sse(obj: Any) -> str:
         return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
     async def respond(request: Request, req: SamplingFields, prompts: list[list[int]], max_tokens: int,
-                      chat: bool, n_prompt: int) -> Any:
+                      chat: bool, n_prompt: int, echo: list[tuple[str, dict[str, Any] | None]] | None = None) -> Any:
+        """echo: per choice, the prompt's text and its legacy logprobs (None without logprobs)."""
+        want_lp = req.n_logprobs() is not None
+        if echo is not None and max_tokens == 0:  # score the prompt only
+            choices = [{"index": i, "text": text, "finish_reason": "length", "logprobs": lp}
+                       for i, (text, lp) in enumerate(echo)]
+            return {"id": new_id("cmpl"), "object": "text_completion", "created": now(), "model": model_name,
+                    "choices": choices, "usage": usage(n_prompt, 0)}
         queue, seqs = launch(prompts, req, max_tokens)
         rid, created = new_id("chatcmpl" if chat else "cmpl"), now()
         obj = "chat.completion" if chat else "text_completion"
         if not req.stream:
             texts, reasons, done = [""] * len(prompts), [None] * len(prompts), [0] * len(prompts)
+            lps: list[list] = [[] for _ in prompts]
             async for i, o in events(request, queue, seqs):
                 texts[i] += o.text
+                if scored(o):
+                    lps[i].append((o.token, o.logprob, o.top_logprobs))
                 if o.finish_reason:
                     reasons[i], done[i] = o.finish_reason, o.completion_tokens
             if any(r is None for r in reasons):
                 return JSONResponse({}, status_code=499)  # the client went away
-            choices = [{"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": r,
-                        "logprobs": None} if chat else
-                       {"index": i, "text": t, "finish_reason": r, "logprobs": None}
-                       for i, (t, r) in enumerate(zip(texts, reasons))]
+            if chat:
+                choices = [{"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": r,
+                            "logprobs": {"content": [chat_logprob(*x) for x in lps[i]]} if want_lp else None}
+                           for i, (t, r) in enumerate(zip(texts, reasons))]
+            else:
+                choices = []
+                for i, (t, r) in enumerate(zip(texts, reasons)):
+                    head, head_lp = echo[i] if echo is not None else ("", None)
+                    lp = None
+                    if want_lp:
+                        lp = text_logprobs(lps[i], len(head))
+                        if head_lp is not None:
+                            lp = {k: head_lp[k] + lp[k] for k in lp}
+                    choices.append({"index": i, "text": head + t, "finish_reason": r, "logprobs": lp})
             return {"id": rid, "object": obj, "created": created, "model": model_name, "choices": choices,
                     "usage": usage(n_prompt, sum(done))}
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
-        def chunk(i: int, text: str | None, reason: str | None, first: bool = False) -> dict[str, Any]:
+        def chunk(i: int, text: str | None, reason: str | None, first: bool = False,
+                  o: Output | None = None) -> dict[str, Any]:
+            lp = None
+            if want_lp and o is not None and scored(o):
+                lp = {"content": [chat_logprob(o.token, o.logprob, o.top_logprobs)]} if chat else \
+                    text_logprobs([(o.token, o.logprob, o.top_logprobs)])
             if chat:
                 delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
-                choice = {"index": i, "delta": delta, "finish_reason": reason, "logprobs": None}
+                choice = {"index": i, "delta": delta, "finish_reason": reason, "logprobs": lp}
             else:
-                choice = {"index": i, "text": text or "", "finish_reason": reason, "logprobs": None}
+                choice = {"index": i, "text": text or "", "finish_reason": reason, "logprobs": lp}
             body = {"id": rid, "object": f"{obj}.chunk" if chat else obj, "created": created, "model": model_name,
                     "choices": [choice]}
             if include_usage:
@@ -189,11 +241,11 @@ def create_app(llm: LLM, engine: Engine, model_name: str, api_key: str | None = 
             async for i, o in events(request, queue, seqs):
                 if o.finish_reason:
                     done[i] = o.completion_tokens
-                    if o.text:
-                        yield sse(chunk(i, o.text, None))
+                    if o.text or (want_lp and scored(o)):
+                        yield sse(chunk(i, o.text, None, o=o))
                     yield sse(chunk(i, None, o.finish_reason))
-                elif o.text:
-                    yield sse(chunk(i, o.text, None))
+                elif o.text or (want_lp and scored(o)):
+                    yield sse(chunk(i, o.text, None, o=o))
             if include_usage:
                 yield sse({"id": rid, "object": f"{obj}.chunk" if chat else obj, "created": created,
                            "model": model_name, "choices": [], "usage": usage(n_prompt, sum(done))})
@@ -251,9 +303,36 @@ def create_app(llm: LLM, engine: Engine, model_name: str, api_key: str | None = 
             raise APIError(400, "a prompt is empty", "prompt", "invalid_value")
         if any(not 0 <= t < vocab for ids in prompts for t in ids):
             raise APIError(400, f"token ids must be in [0, {vocab})", "prompt", "invalid_value")
-        max_tokens = min(budget(len(ids), req.max_tokens or 16, "max_tokens") for ids in prompts)
+        asked = 16 if req.max_tokens is None else req.max_tokens
+        if asked == 0 and not req.echo:
+            raise APIError(400, "max_tokens must be >= 1 (0 is allowed with echo, to score the prompt)",
+                           "max_tokens", "invalid_value")
+        if req.echo and req.stream:
+            raise APIError(400, "echo is not supported with stream", "echo", "unsupported")
+        max_tokens = min(budget(len(ids), asked, "max_tokens") for ids in prompts)
+        echo = None
+        if req.echo:
+            texts = [p] if isinstance(p, str) else list(p) if all(isinstance(x, str) for x in p) else \
+                [tok.decode(ids, skip_special=False) for ids in prompts]
+            lps = [None] * len(prompts)
+            if req.logprobs is not None:
+                lps = await asyncio.wrap_future(engine.run_job(lambda: [prompt_logprobs(ids, req.logprobs)
+                                                                        for ids in prompts]))
+            echo = [(texts[k], lps[k]) for k in range(len(prompts)) for _ in range(req.n)]
         return await respond(request, req, [ids for ids in prompts for _ in range(req.n)], max_tokens, chat=False,
-                             n_prompt=sum(map(len, prompts)))
+                             n_prompt=sum(map(len, prompts)), echo=echo)
+
+    def prompt_logprobs(ids: list[int], k: int) -> dict[str, Any]:
+        """Legacy logprobs of the prompt's own tokens (the first has none), from one forward pass."""
+        logp = torch.log_softmax(llm.logits(ids).float(), -1)  # (T, V): row t predicts token t + 1
+        items: list[tuple[int, float | None, list[tuple[int, float]] | None]] = [(ids[0], None, None)]
+        for t in range(1, len(ids)):
+            top = None
+            if k > 0:
+                v, i = logp[t - 1].topk(k)
+                top = list(zip(i.tolist(), v.tolist()))
+            items.append((ids[t], float(logp[t - 1, ids[t]]), top))
+        return text_logprobs(items)
 
     @app.post("/tokenize")
     async def tokenize(req: TokenizeRequest) -> dict[str, Any]:

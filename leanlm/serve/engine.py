@@ -26,7 +26,9 @@ import traceback
 from collections import deque
 from collections.abc import Callable
 from collections.abc import Sequence as Seq
+from concurrent.futures import Future
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -47,14 +49,17 @@ class Output:
     finish_reason: str | None = None  # "stop", "length" or "abort"
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    logprob: float | None = None  # of `token` under the model (when the request asked for logprobs)
+    top_logprobs: list[tuple[int, float]] | None = None  # the `logprobs` most likely tokens and theirs
 
 
 Emit = Callable[[Output], None]
 
 
 class Sequence:
-    def __init__(self, prompt: Seq[int], params: SamplingParams, emit: Emit, llm: LLM, max_len: int) -> None:
-        self.prompt, self.params, self.emit = list(prompt), params, emit
+    def __init__(self, prompt: Seq[int], params: SamplingParams, emit: Emit, llm: LLM, max_len: int,
+                 logprobs: int | None = None) -> None:
+        self.prompt, self.params, self.emit, self.logprobs = list(prompt), params, emit, logprobs
         n = len(self.prompt)
         self.max_tokens = min(params.max_tokens, max_len - n)
         self.row = -1
@@ -71,6 +76,7 @@ class Sequence:
         self.detok, self.stops = StreamDecoder(llm.tokenizer), StopStrings(params.stop)
         self.stop_ids = frozenset() if params.ignore_eos else llm.tokenizer.eos_ids
         self.cancelled = self.finished = False
+        self.last_logprobs: tuple[float | None, list[tuple[int, float]] | None] = (None, None)
         self.arrived = time.perf_counter()
 
     @property
@@ -96,6 +102,7 @@ class Engine:
         self.cache = ModelCache(cfg, max_batch, self.max_len, chunk, llm.model.dtype, llm.model.device)
         self.rows: list[Sequence | None] = [None] * max_batch
         self.waiting: deque[Sequence] = deque()
+        self.jobs: deque[tuple[Callable[[], Any], Future]] = deque()  # run on the engine thread (run_job)
         self._wake = threading.Condition()
         self._thread: threading.Thread | None = None
         self._running = False
@@ -103,17 +110,27 @@ class Engine:
         self.last_batch = 0  # sequences decoded in the last step
 
     # --- requests ----------------------------------------------------------------------------
-    def submit(self, prompt: Seq[int], params: SamplingParams, emit: Emit) -> Sequence:
+    def submit(self, prompt: Seq[int], params: SamplingParams, emit: Emit, logprobs: int | None = None) -> Sequence:
+        """Queue a sequence; `emit` gets its Outputs (with the top `logprobs` alternatives if not None)."""
         if not prompt:
             raise LeanLMError("the prompt is empty")
         if len(prompt) >= self.max_len:
             raise LeanLMError(f"the prompt is {len(prompt)} tokens, which does not fit the context of "
                               f"{self.max_len} tokens")
-        seq = Sequence(prompt, params, emit, self.llm, self.max_len)
+        seq = Sequence(prompt, params, emit, self.llm, self.max_len, logprobs)
         with self._wake:
             self.waiting.append(seq)
             self._wake.notify()
         return seq
+
+    def run_job(self, fn: Callable[[], Any]) -> Future:
+        """Run fn on the engine's thread between steps (model work outside generation, e.g. prompt
+        logprobs): one thread does all model work, see `start`."""
+        fut: Future = Future()
+        with self._wake:
+            self.jobs.append((fn, fut))
+            self._wake.notify()
+        return fut
 
     @property
     def queued(self) -> int:
@@ -154,7 +171,7 @@ class Engine:
         with torch.inference_mode():
             while True:
                 with self._wake:
-                    while self._running and not self.waiting and not self.active:
+                    while self._running and not self.waiting and not self.active and not self.jobs:
                         self._wake.wait()
                     if not self._running:
                         return
@@ -167,7 +184,14 @@ class Engine:
                             self._finish(seq, "abort", "", flush=False)
 
     def step(self) -> None:
-        """One iteration: retire cancelled sequences, admit waiting ones, one prefill chunk, one decode step."""
+        """One iteration: jobs, retire cancelled sequences, admit waiting ones, one prefill chunk, one decode step."""
+        while self.jobs:
+            fn, fut = self.jobs.popleft()
+            if fut.set_running_or_notify_cancel():
+                try:
+                    fut.set_result(fn())
+                except Exception as e:  # reported to the caller, the engine goes on
+                    fut.set_exception(e)
         for seq in self.rows:
             if seq is not None and seq.cancelled:
                 self._finish(seq, "abort", "")
@@ -222,13 +246,22 @@ class Engine:
         """Sample the next token from logits (1, V), stream it, and stop the sequence where it ends."""
         p = seq.params
         n_hist = len(seq.prompt) + len(seq.generated)
+        raw = logits
         if seq.generated and (p.presence_penalty or p.frequency_penalty):
             counts = torch.bincount(torch.tensor(seq.generated), minlength=logits.shape[-1]).float()
             logits = logits.float() - p.frequency_penalty * counts - p.presence_penalty * (counts > 0).float()
         tid = int(sample(logits, p, seq.history[:, :n_hist], seq.generator)[0])
+        lp = top = None
+        if seq.logprobs is not None:  # under the model's own distribution (before any sampling settings)
+            logp = torch.log_softmax(raw[0].float(), -1)
+            lp = float(logp[tid])
+            if seq.logprobs > 0:
+                v, i = logp.topk(seq.logprobs)
+                top = list(zip(i.tolist(), v.tolist()))
         seq.generated.append(tid)
         if n_hist < seq.history.shape[1]:
             seq.history[0, n_hist] = tid
+        seq.last_logprobs = (lp, top)
         if tid in seq.stop_ids:
             return self._finish(seq, "stop", "")
         text = seq.stops.push(seq.detok.push(tid))
@@ -237,7 +270,7 @@ class Engine:
         if len(seq.generated) >= seq.max_tokens:
             return self._finish(seq, "length", text)
         seq.next_token = tid
-        seq.emit(Output(text, tid, None, len(seq.prompt), len(seq.generated)))
+        seq.emit(Output(text, tid, None, len(seq.prompt), len(seq.generated), lp, top))
 
     def _finish(self, seq: Sequence, reason: str, text: str, flush: bool = True) -> None:
         if flush and reason != "abort":
@@ -246,5 +279,6 @@ class Engine:
         seq.finished, seq.next_token = True, None
         if seq.row >= 0:
             self.rows[seq.row] = None
+        lp, top = seq.last_logprobs if reason != "abort" else (None, None)
         seq.emit(Output(text, seq.generated[-1] if seq.generated else None, reason, len(seq.prompt),
-                        len(seq.generated)))
+                        len(seq.generated), lp, top))

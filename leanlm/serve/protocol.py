@@ -65,6 +65,10 @@ class SamplingFields(BaseModel):
             raise ValueError("stop must be at most 4 non-empty strings")
         return stops
 
+    def n_logprobs(self) -> int | None:
+        """How many top alternatives to return per token (0: just the token's), or None: no logprobs."""
+        return None
+
     def params(self, max_tokens: int, seed_offset: int = 0) -> SamplingParams:
         return SamplingParams(max_tokens=max_tokens, temperature=self.temperature, top_k=self.top_k,
                               top_p=self.top_p, min_p=self.min_p, repeat_penalty=self.repetition_penalty,
@@ -75,8 +79,6 @@ class SamplingFields(BaseModel):
     def unsupported(self) -> str | None:
         """The first field we cannot honour yet (refused, never silently ignored), or None."""
         extra = self.model_extra or {}
-        if extra.get("logprobs") or extra.get("top_logprobs") or extra.get("echo"):
-            return next(k for k in ("logprobs", "top_logprobs", "echo") if extra.get(k))
         fmt = extra.get("response_format")
         if isinstance(fmt, dict) and fmt.get("type") not in (None, "text"):
             return "response_format"
@@ -88,10 +90,21 @@ class SamplingFields(BaseModel):
 class ChatRequest(SamplingFields):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+
+    def n_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(default=None, ge=0)  # 0 with echo: score the prompt only
+    logprobs: int | None = Field(default=None, ge=0, le=20)
+    echo: bool = False
+
+    def n_logprobs(self) -> int | None:
+        return self.logprobs
 
 
 class TokenizeRequest(BaseModel):
