@@ -282,3 +282,54 @@ def test_bad_logprob_requests(server: str) -> None:
                         ({"prompt": "hi", "echo": True, "stream": True}, "echo")):
         r = httpx.post(server + "/v1/completions", json={"model": "smol", **body}, headers=h)
         assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
+def test_soak_mixed_good_bad_and_abandoned_requests(server: str, llm: leanlm.LLM) -> None:
+    """200 requests from 8 concurrent clients: greedy chats and completions (each must equal the Python API's
+    answer), malformed or invalid ones (each must get its 4xx), and streams abandoned after the first token.
+    Afterwards no row is held and the server still answers."""
+    import random
+    from concurrent.futures import ThreadPoolExecutor
+
+    h = {"Authorization": f"Bearer {KEY}"}
+    expect = {q: greedy(llm, [{"role": "user", "content": q}], 6) for q in QUESTIONS}
+    bad = [(b"{oops", 400), (json.dumps({"model": "x", "messages": [{"role": "user", "content": "a"}]}), 404),
+           (json.dumps({"model": "smol", "messages": [{"role": "user", "content": "a"}], "n": 0}), 400),
+           (json.dumps({"model": "smol", "messages": [{"role": "user", "content": "w " * 700}]}), 400)]
+
+    def one(k: int) -> str | None:
+        rng = random.Random(k)
+        kind = rng.choice(["chat", "chat", "bad", "abandon", "nokey"])
+        with httpx.Client(base_url=server, timeout=120) as c:
+            if kind == "chat":
+                q = rng.choice(QUESTIONS)
+                r = c.post("/v1/chat/completions", headers=h, json={
+                    "model": "smol", "messages": [{"role": "user", "content": q}], "max_tokens": 6, "temperature": 0})
+                got = r.json()["choices"][0]["message"]["content"]
+                return None if got == expect[q] else f"{q!r}: {got!r} != {expect[q]!r}"
+            if kind == "bad":
+                body, status = rng.choice(bad)
+                r = c.post("/v1/chat/completions", headers={**h, "Content-Type": "application/json"}, content=body)
+                return None if r.status_code == status and "error" in r.json() else f"bad: {r.status_code}"
+            if kind == "nokey":
+                r = c.post("/v1/chat/completions", json={"model": "smol", "messages": []})
+                return None if r.status_code == 401 else f"nokey: {r.status_code}"
+            with c.stream("POST", "/v1/chat/completions", headers=h, json={
+                    "model": "smol", "messages": [{"role": "user", "content": "Tell a long story."}],
+                    "max_tokens": 200, "stream": True, "ignore_eos": True}) as r:
+                for line in r.iter_lines():
+                    if '"content"' in line and '""' not in line:
+                        break
+            return None
+
+    with ThreadPoolExecutor(8) as pool:
+        failures = [f for f in pool.map(one, range(200)) if f]
+    assert not failures, failures[:5]
+    deadline = time.time() + 15
+    while httpx.get(server + "/health").json()["active"] and time.time() < deadline:
+        time.sleep(0.1)
+    assert httpx.get(server + "/health").json() | {"status": "ok"} == {"status": "ok", "model": "smol",
+                                                                         "active": 0, "queued": 0}
+    r = httpx.post(server + "/v1/chat/completions", headers=h, json={
+        "model": "smol", "messages": [{"role": "user", "content": QUESTIONS[0]}], "max_tokens": 6, "temperature": 0})
+    assert r.json()["choices"][0]["message"]["content"] == expect[QUESTIONS[0]]
