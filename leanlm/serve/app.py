@@ -14,7 +14,6 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -24,6 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..errors import LeanLMError
 from ..llm import LLM
 from .engine import Engine, Output, Sequence
+from .logprobs import Logprobs
 from .metrics import Metrics
 from .protocol import (
     ChatRequest,
@@ -147,30 +147,8 @@ def create_app(llm: LLM, engine: Engine, model_name: str, api_key: str | None = 
                 s.cancel()
 
     tok = llm.tokenizer
-
-    def piece(t: int) -> str:
-        return tok.token_bytes(t).decode("utf-8", errors="replace")
-
-    def chat_logprob(t: int, lp: float, top: list[tuple[int, float]] | None) -> dict[str, Any]:
-        entry = lambda i, v: {"token": piece(i), "logprob": v, "bytes": list(tok.token_bytes(i))}  # noqa: E731
-        return {**entry(t, lp), "top_logprobs": [entry(i, v) for i, v in (top or [])]}
-
-    def text_logprobs(items: list[tuple[int, float | None, list[tuple[int, float]] | None]],
-                      offset: int = 0) -> dict[str, Any]:
-        """Legacy completions format: tokens, token_logprobs, top_logprobs (one dict per position), text_offset."""
-        out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-        for t, lp, top in items:
-            out["tokens"].append(piece(t))
-            out["token_logprobs"].append(lp)
-            out["top_logprobs"].append(None if top is None else {piece(i): v for i, v in top})
-            out["text_offset"].append(offset)
-            offset += len(out["tokens"][-1])
-        return out
-
-    def scored(o: Output) -> bool:
-        """Does this event carry a token that belongs in logprobs (not an end-of-sequence token)?"""
-        return o.token is not None and o.logprob is not None and not (
-            o.finish_reason == "stop" and o.token in tok.eos_ids and not o.text)
+    fmt = Logprobs(tok)
+    chat_logprob, text_logprobs, scored = fmt.chat_entry, fmt.text, fmt.scored
 
     def sse(obj: Any) -> str:
         return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
@@ -316,23 +294,11 @@ def create_app(llm: LLM, engine: Engine, model_name: str, api_key: str | None = 
                 [tok.decode(ids, skip_special=False) for ids in prompts]
             lps = [None] * len(prompts)
             if req.logprobs is not None:
-                lps = await asyncio.wrap_future(engine.run_job(lambda: [prompt_logprobs(ids, req.logprobs)
+                lps = await asyncio.wrap_future(engine.run_job(lambda: [fmt.prompt(llm, ids, req.logprobs)
                                                                         for ids in prompts]))
             echo = [(texts[k], lps[k]) for k in range(len(prompts)) for _ in range(req.n)]
         return await respond(request, req, [ids for ids in prompts for _ in range(req.n)], max_tokens, chat=False,
                              n_prompt=sum(map(len, prompts)), echo=echo)
-
-    def prompt_logprobs(ids: list[int], k: int) -> dict[str, Any]:
-        """Legacy logprobs of the prompt's own tokens (the first has none), from one forward pass."""
-        logp = torch.log_softmax(llm.logits(ids).float(), -1)  # (T, V): row t predicts token t + 1
-        items: list[tuple[int, float | None, list[tuple[int, float]] | None]] = [(ids[0], None, None)]
-        for t in range(1, len(ids)):
-            top = None
-            if k > 0:
-                v, i = logp[t - 1].topk(k)
-                top = list(zip(i.tolist(), v.tolist()))
-            items.append((ids[t], float(logp[t - 1, ids[t]]), top))
-        return text_logprobs(items)
 
     @app.post("/tokenize")
     async def tokenize(req: TokenizeRequest) -> dict[str, Any]:
