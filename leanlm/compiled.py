@@ -124,4 +124,9 @@ def get_step(model: Transformer, batch: int, mode: str = "auto",
             log(f"compiling the decode step for this model (once; saved in {path.parent})")
         with contextlib.redirect_stdout(io.StringIO()):
             compile_step(model, batch, path)
-    return load_step(path)
+    try:
+        return load_step(path)
+    except Exception as e:  # a damaged or foreign artifact must not stop generation: stay eager
+        if log:
+            log(f"could not load the compiled decode step {path} ({type(e).__name__}: {e}); decoding eagerly")
+        return decode_step

@@ -101,3 +101,14 @@ def test_real_model_compiled_decode_keeps_quality(smol_path: Path) -> None:
     eager = decode(m, compiled.decode_step, torch.tensor([ids]), 32, len(ids), chunk=32)[0].argmax(-1)
     agree = (logits.argmax(-1) == eager[:-1]).float().mean().item()
     assert agree > 0.97, agree
+
+
+def test_a_damaged_artifact_falls_back_to_eager(steps: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    m = steps["model"]
+    monkeypatch.setenv("LEANLM_CACHE", str(tmp_path))
+    path = compiled.cache_dir() / f"decode-{compiled.layout_key(m, 1)}.bin"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"not a compiled function")
+    said: list[str] = []
+    assert compiled.get_step(m, 1, "auto", said.append) is compiled.decode_step
+    assert said and "decoding eagerly" in said[0]
