@@ -110,8 +110,12 @@ class ModelCache:
     def rows(self, lo: int, hi: int) -> ModelCache:
         """A cache over batch rows lo..hi-1 that shares this one's memory (views along the batch axis).
 
-        The serving engine prefills one sequence into its own row and decodes rows 0..hi-1 together.
+        The serving engine prefills one sequence into its own row and decodes rows 0..hi-1 together, every
+        step: views are kept per (lo, hi), since the tensors they look into never change.
         """
+        views = self.__dict__.setdefault("_views", {})
+        if (lo, hi) in views:
+            return views[lo, hi]
         view = ModelCache.__new__(ModelCache)
         view.max_len, view.chunk, view.kv_len = self.max_len, self.chunk, self.kv_len
         view.slot_pos = {w: t[lo:hi] for w, t in self.slot_pos.items()}
@@ -120,6 +124,7 @@ class ModelCache:
             kb = KVBuffer.__new__(KVBuffer)
             kb.window, kb.pos, kb.k, kb.v = b.window, view.slot_pos[b.window], b.k[lo:hi], b.v[lo:hi]
             view.layers.append(kb)
+        views[lo, hi] = view
         return view
 
     def clear_row(self, row: int) -> None:
