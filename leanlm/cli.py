@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from .errors import LeanLMError
 
@@ -37,6 +38,9 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence")
+    p.add_argument("--json", action="store_true", help="answer with a JSON object (constrained decoding)")
+    p.add_argument("--json-schema", default=None, metavar="FILE",
+                   help="answer with JSON valid under this JSON Schema file (constrained decoding)")
 
 
 def _params(a: argparse.Namespace):  # noqa: ANN202
@@ -45,6 +49,16 @@ def _params(a: argparse.Namespace):  # noqa: ANN202
     return SamplingParams(max_tokens=a.max_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
                           min_p=a.min_p, repeat_penalty=a.repeat_penalty, seed=a.seed, stop=tuple(a.stop),
                           ignore_eos=a.ignore_eos)
+
+
+def _json_schema(a: argparse.Namespace) -> dict | bool | None:
+    """What --json / --json-schema ask for, as LLM.constraint takes it."""
+    if a.json_schema is None:
+        return True if a.json else None
+    try:
+        return json.loads(Path(a.json_schema).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise LeanLMError(f"cannot read the JSON Schema {a.json_schema}: {e}") from e
 
 
 def _load(a: argparse.Namespace):  # noqa: ANN202
@@ -70,9 +84,11 @@ def cmd_list(a: argparse.Namespace) -> None:
 
 
 def cmd_run(a: argparse.Namespace) -> None:
-    params = _params(a)
+    params, schema = _params(a), _json_schema(a)
     llm = _load(a)
-    pieces = llm.generate(a.prompt, params) if a.raw else llm.chat([{"role": "user", "content": a.prompt}], params)
+    llm.constraint(schema)  # an unenforceable schema fails here, before any output
+    pieces = llm.generate(a.prompt, params, json_schema=schema) if a.raw else \
+        llm.chat([{"role": "user", "content": a.prompt}], params, json_schema=schema)
     for piece in pieces:
         sys.stdout.write(piece)
         sys.stdout.flush()
@@ -86,7 +102,7 @@ def cmd_run(a: argparse.Namespace) -> None:
 def cmd_chat(a: argparse.Namespace) -> None:
     from .repl import repl
 
-    repl(_load(a), _params(a), system=a.system)
+    repl(_load(a), _params(a), system=a.system, json_schema=_json_schema(a))
 
 
 def cmd_tokenize(a: argparse.Namespace) -> None:

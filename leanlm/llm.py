@@ -19,8 +19,12 @@ from .hub import DEFAULT_MODEL, resolve_model
 from .loaders import load_model
 from .loaders.common import release_memory
 from .model import Transformer
+from .proposers import DraftModel, PromptLookup, check_vocab
+from .proposers import early_exit as make_early_exit
 from .sampling import SamplingParams, sample
+from .speculative import Proposer, SpecStats, speculative_ids
 from .stops import StopStrings
+from .structured import Constraint, Grammars
 from .tokenizer import StreamDecoder
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -53,6 +57,9 @@ class LLM:
         self.config = model.cfg
         self.last_stats = GenStats()
         self._steps: dict[bool, DecodeStep] = {}
+        self._grammars: Grammars | None = None
+        self.speculation: Speculation | None = None  # set by `speculate`
+        self.last_spec: SpecStats | None = None
 
     def decode_step(self, batch: int = 1, mode: str | None = None) -> DecodeStep:
         """The decode step for this batch size: compiled (compiled.py) per `mode` (default self.compile)."""
@@ -84,44 +91,97 @@ class LLM:
         return self.encode_prompt(self.tokenizer.apply_chat_template(list(messages)))
 
     # --- generation ----------------------------------------------------------------------
-    def generate_from_ids(self, ids: Sequence[int], params: SamplingParams) -> Iterator[str]:
+    @property
+    def grammars(self) -> Grammars:
+        """Structured-output grammars over this model's vocabulary (built on first use)."""
+        if self._grammars is None:
+            self._grammars = Grammars(self.tokenizer, self.config.vocab_size)
+        return self._grammars
+
+    def constraint(self, json_schema: dict[str, Any] | bool | None) -> Constraint | None:
+        """None for free text; True: any JSON object; a dict: a JSON Schema (SchemaError if unenforceable)."""
+        if json_schema is None or json_schema is False:
+            return None
+        return self.grammars.constraint(None if json_schema is True else json_schema)
+
+    def generate_from_ids(self, ids: Sequence[int], params: SamplingParams,
+                          json_schema: dict[str, Any] | bool | None = None) -> Iterator[str]:
+        """Stream the text generated after ids; json_schema constrains it to JSON (see `constraint`)."""
         tok = self.tokenizer
         gen = torch.Generator(device=self.model.device)
         if params.seed is not None:
             gen.manual_seed(params.seed)
         else:
             gen.seed()
-        sampler = functools.partial(_sample, params=params, generator=gen)
+        constraint = self.constraint(json_schema)
+        sampler = functools.partial(_sample, params=params, generator=gen, constraint=constraint)
         stop_ids = frozenset() if params.ignore_eos else tok.eos_ids
         self.last_stats = stats = GenStats()
         detok, stops = StreamDecoder(tok), StopStrings(params.stop)
-        for tid in generate_ids(self.model, ids, sampler, params.max_tokens, stop_ids=stop_ids,
-                                chunk=self.prefill_chunk, stats=stats, step=self._lazy_step):
+        if self.speculation is not None and constraint is not None:
+            raise LeanLMError("structured output with speculative decoding is not supported yet")
+        if self.speculation is not None:
+            self.last_spec = SpecStats()
+            ids_out = speculative_ids(self.model, ids, params, self.speculation.proposer(self, len(ids), params),
+                                      self.speculation.k, stop_ids=stop_ids, chunk=self.prefill_chunk, stats=stats,
+                                      spec=self.last_spec, generator=gen)
+        else:
+            ids_out = generate_ids(self.model, ids, sampler, params.max_tokens, stop_ids=stop_ids,
+                                   chunk=self.prefill_chunk, stats=stats, step=self._lazy_step)
+        for tid in ids_out:
             if tid in stop_ids:
                 stats.finish_reason = "stop"
                 break
+            if constraint is not None:
+                constraint.advance(tid)
             out = stops.push(detok.push(tid))
             if out:
                 yield out
             if stops.stopped:
                 stats.finish_reason = "stop"
                 return
+            if constraint is not None and constraint.done:  # the JSON value is complete
+                stats.finish_reason = "stop"
+                break
         tail = stops.push(detok.flush())
         if not stops.stopped:
             tail += stops.flush()
         if tail:
             yield tail
 
-    def generate(self, prompt: str, params: SamplingParams | None = None, **kw: Any) -> Iterator[str]:
+    def speculate(self, k: int = 4, *, draft: LLM | None = None, lookup: bool = False,
+                  early_exit: int | None = None) -> None:
+        """Generate with speculative decoding from now on (k drafts per target forward), proposed by a draft
+        model sharing this one's vocabulary, by prompt lookup, or by this model's own first `early_exit`
+        layers; with none of them, switch it off. Greedy output is unchanged; sampled output keeps its
+        distribution."""
+        chosen = [x for x in (draft is not None, lookup, early_exit is not None) if x]
+        if len(chosen) > 1:
+            raise LeanLMError("choose one proposer: a draft model, prompt lookup or early exit")
+        if not chosen:
+            self.speculation = None
+            return
+        if draft is not None:
+            check_vocab(self.tokenizer, draft.tokenizer, self.config.vocab_size, draft.config.vocab_size)
+        if early_exit is not None:
+            early = LLM(make_early_exit(self.model, early_exit), self.tokenizer, None, self.prefill_chunk,
+                        self.compile)
+            draft = early
+        if not 1 <= k < self.prefill_chunk:
+            raise LeanLMError(f"speculate must be in [1, {self.prefill_chunk - 1}]")
+        self.speculation = Speculation(k, draft)
+
+    def generate(self, prompt: str, params: SamplingParams | None = None, *,
+                 json_schema: dict[str, Any] | bool | None = None, **kw: Any) -> Iterator[str]:
         """Complete a raw prompt (no chat template). kw: any SamplingParams field."""
         params = replace(params or SamplingParams(), **kw)
-        return self.generate_from_ids(self.encode_prompt(prompt), params)
+        return self.generate_from_ids(self.encode_prompt(prompt), params, json_schema)
 
-    def chat(self, messages: Sequence[dict[str, Any]], params: SamplingParams | None = None,
-             **kw: Any) -> Iterator[str]:
+    def chat(self, messages: Sequence[dict[str, Any]], params: SamplingParams | None = None, *,
+             json_schema: dict[str, Any] | bool | None = None, **kw: Any) -> Iterator[str]:
         """Answer the last message of a conversation (the chat template is applied)."""
         params = replace(params or SamplingParams(), **kw)
-        return self.generate_from_ids(self.chat_prompt(messages), params)
+        return self.generate_from_ids(self.chat_prompt(messages), params, json_schema)
 
     @torch.inference_mode()
     def logits(self, ids: Sequence[int]) -> torch.Tensor:
@@ -130,8 +190,30 @@ class LLM:
         return self.model(t, torch.arange(t.shape[1], device=t.device)[None])[0]
 
 
+class Speculation:
+    """How an LLM speculates: k drafts per round, from a draft LLM or (draft None) by prompt lookup."""
+
+    def __init__(self, k: int, draft: LLM | None) -> None:
+        self.k, self.draft = k, draft
+
+    @property
+    def kind(self) -> str:
+        if self.draft is None:
+            return "lookup"
+        return "draft" if self.draft.path is not None else "early-exit"
+
+    def proposer(self, target: LLM, n_prompt: int, params: SamplingParams) -> Proposer:
+        if self.draft is None:
+            return PromptLookup()
+        d = self.draft
+        max_len = min(n_prompt + params.max_tokens + self.k + 1, d.config.context_length)
+        return DraftModel(d.model, max_len, d.prefill_chunk, d._lazy_step, target.config.vocab_size)
+
+
 def _sample(logits: torch.Tensor, history: torch.Tensor, *, params: SamplingParams,
-            generator: torch.Generator) -> torch.Tensor:
+            generator: torch.Generator, constraint: Constraint | None = None) -> torch.Tensor:
+    if constraint is not None:
+        logits = constraint.apply(logits)
     return sample(logits, params, history, generator)
 
 

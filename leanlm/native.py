@@ -23,7 +23,10 @@ from pathlib import Path
 import torch
 
 KERNELS = Path(__file__).parent / "kernels"
-FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC"]
+# the parts of -ffast-math the vectoriser needs, not -ffast-math itself: linked into a shared library it
+# switches on flush-to-zero for the whole process (seen: subnormal floats vanished in unrelated code)
+FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fno-signed-zeros", "-fassociative-math",
+         "-freciprocal-math", "-fopenmp", "-shared", "-fPIC"]
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 
 

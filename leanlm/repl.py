@@ -12,7 +12,10 @@ if TYPE_CHECKING:
 HELP = "commands: /reset (forget the conversation), /exit (leave); Ctrl-C stops a reply"
 
 
-def repl(llm: LLM, params: SamplingParams, system: str | None = None, input_fn: Any = input) -> None:
+def repl(llm: LLM, params: SamplingParams, system: str | None = None, input_fn: Any = input,
+         json_schema: dict | bool | None = None) -> None:
+    """json_schema: every reply is JSON (True: any object; a dict: valid under that JSON Schema)."""
+    llm.constraint(json_schema)  # an unenforceable schema fails before the first prompt
     try:
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:
@@ -44,7 +47,7 @@ def repl(llm: LLM, params: SamplingParams, system: str | None = None, input_fn: 
         messages.append({"role": "user", "content": text})
         reply = []
         try:
-            for piece in llm.chat(messages, params):
+            for piece in llm.chat(messages, params, json_schema=json_schema):
                 reply.append(piece)
                 sys.stdout.write(piece)
                 sys.stdout.flush()

@@ -5,9 +5,6 @@ Chromium, its driver or selenium is missing."""
 from __future__ import annotations
 
 import shutil
-import socket
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,29 +15,16 @@ uvicorn = pytest.importorskip("uvicorn")
 if not (shutil.which("chromium") and shutil.which("chromedriver")):
     pytest.skip("needs chromium and chromedriver (apt install chromium chromium-driver)", allow_module_level=True)
 
+from serving import running_server  # noqa: E402
+
 import leanlm  # noqa: E402
-from leanlm.serve.app import create_app  # noqa: E402
-from leanlm.serve.engine import Engine  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def page_server(smol_path: Path) -> Iterator[tuple[str, leanlm.LLM]]:
     llm = leanlm.load(smol_path, compile="off", progress=False)
-    engine = Engine(llm, max_batch=2, max_len=512, chunk=64)
-    engine.start()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(create_app(llm, engine, "smol"), host="127.0.0.1", port=port,
-                                        log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    while not srv.started:
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", llm
-    srv.should_exit = True
-    thread.join()
-    engine.shutdown()
+    with running_server(llm, max_batch=2) as url:
+        yield url, llm
 
 
 def test_chat_page_streams_a_reply(page_server: tuple[str, leanlm.LLM]) -> None:

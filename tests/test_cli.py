@@ -150,3 +150,18 @@ def test_perplexity_json(smol_path: Path, capsys: pytest.CaptureFixture[str]) ->
 
 def test_perplexity_missing_text_file(smol_path: Path, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     _expect_error(["perplexity", str(smol_path), "--file", str(tmp_path / "none.txt")], capsys, "none.txt")
+
+
+def test_run_with_a_json_schema(smol_path: Path, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20},
+                                               "rank": {"type": "integer"}}, "required": ["city", "rank"]}
+    path = tmp_path / "schema.json"
+    path.write_text(json.dumps(schema))
+    code, out, _ = run_cli(["run", str(smol_path), "Name the largest city in Japan.", "--json-schema", str(path),
+                            "--temperature", "0", "--max-tokens", "60"], capsys)
+    value = json.loads(out)
+    assert code == 0 and set(value) == {"city", "rank"} and isinstance(value["rank"], int)
+    path.write_text(json.dumps({"type": "string", "pattern": "^x"}))
+    _expect_error(["run", str(smol_path), "hi", "--json-schema", str(path)], capsys, "'pattern' at # is not supported")
+    _expect_error(["run", str(smol_path), "hi", "--json-schema", str(tmp_path / "none.json")], capsys,
+                  "cannot read the JSON Schema")

@@ -56,3 +56,12 @@ def test_int4_dense_unpacks_the_kernel_layout(n: int, k: int, mults: tuple[float
     for rows in (x, x[:3]):  # the dense path and the int4 kernel agree with exact math (bf16 rounding)
         got = lin(rows).double()
         assert ((got - ref[:len(rows)]).abs() / terms[:len(rows)]).max().item() < 0.01
+
+
+def test_loading_the_kernels_keeps_subnormal_floats() -> None:
+    """Our library must not switch the process to flush-to-zero (what linking with -ffast-math does)."""
+    import numpy as np
+
+    native.library()
+    tiny = np.array([1e-310])  # a subnormal double
+    assert (tiny * 1.0)[0] != 0 and (tiny / 2)[0] != 0

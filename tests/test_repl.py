@@ -18,7 +18,11 @@ class FakeLLM:
         self.seen: list[list[dict]] = []
         self.interrupt_on = interrupt_on
 
-    def chat(self, messages: list[dict], params: SamplingParams) -> Iterator[str]:
+    def constraint(self, json_schema: object) -> None:
+        assert json_schema is None
+
+    def chat(self, messages: list[dict], params: SamplingParams, json_schema: object = None) -> Iterator[str]:
+        assert json_schema is None
         self.seen.append([dict(m) for m in messages])
         yield "re: "
         if messages[-1]["content"] == self.interrupt_on:

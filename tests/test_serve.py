@@ -7,7 +7,6 @@ answers are compared with the Python API's, which generates one sequence at a ti
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -19,9 +18,9 @@ import pytest
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 
+from serving import running_server  # noqa: E402
+
 import leanlm  # noqa: E402
-from leanlm.serve.app import create_app  # noqa: E402
-from leanlm.serve.engine import Engine  # noqa: E402
 
 KEY = "sk-test"
 
@@ -33,22 +32,8 @@ def llm(smol_path: Path) -> leanlm.LLM:
 
 @pytest.fixture(scope="module")
 def server(llm: leanlm.LLM) -> Iterator[str]:
-    engine = Engine(llm, max_batch=4, max_len=512, chunk=64)
-    engine.start()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    config = uvicorn.Config(create_app(llm, engine, "smol", api_key=KEY), host="127.0.0.1", port=port,
-                            log_level="warning")
-    srv = uvicorn.Server(config)
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    while not srv.started:
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    srv.should_exit = True
-    thread.join()
-    engine.shutdown()
+    with running_server(llm, api_key=KEY) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +140,14 @@ def test_tokenize_detokenize(server: str, llm: leanlm.LLM) -> None:
     ({"model": "smol", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10_000}, 400, "max_tokens"),
     ({"model": "smol", "messages": [{"role": "user", "content": "word " * 600}]}, 400, "messages"),
     ({"model": "smol", "messages": [{"role": "user", "content": "hi"}],
-      "response_format": {"type": "json_object"}}, 400, "response_format"),
+      "response_format": {"type": "xml"}}, 400, "response_format.type"),
+    ({"model": "smol", "messages": [{"role": "user", "content": "hi"}],
+      "response_format": {"type": "json_schema"}}, 400, "response_format"),
+    ({"model": "smol", "messages": [{"role": "user", "content": "hi"}], "response_format": {
+        "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "string", "pattern": "^a+$"}}}},
+     400, "response_format"),
+    ({"model": "smol", "messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]},
+     400, "tools"),
 ])
 def test_bad_requests_get_openai_errors(server: str, body: object, status: int, param: str | None) -> None:
     h = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}

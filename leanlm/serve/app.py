@@ -22,6 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import LeanLMError
 from ..llm import LLM
+from ..structured import Constraint, Grammar, SchemaError
 from .engine import Engine, Output, Sequence
 from .logprobs import Logprobs
 from .metrics import Metrics
@@ -108,14 +109,32 @@ def create_app(llm: LLM, engine: Engine, model_name: str, api_key: str | None = 
                            f"{ctx} tokens", param, "context_length_exceeded")
         return asked if asked is not None else ctx - n_prompt
 
-    def launch(prompts: list[list[int]], req: SamplingFields, max_tokens: int) -> tuple[asyncio.Queue, list[Sequence]]:
+    async def grammar_for(req: SamplingFields) -> Grammar | None:
+        """The structured-output grammar response_format asks for (compiled on the engine thread)."""
+        if req.response_format is None:
+            return None
+        try:
+            spec = req.response_format.schema_spec()
+        except ValueError as e:
+            raise APIError(400, str(e), "response_format", "invalid_value") from e
+        if spec is None:
+            return None
+        try:
+            schema = None if spec is True else spec
+            return await asyncio.wrap_future(engine.run_job(lambda: llm.grammars.get(schema)))
+        except SchemaError as e:
+            raise APIError(400, f"response_format: {e}", "response_format", "unsupported_schema") from e
+
+    def launch(prompts: list[list[int]], req: SamplingFields, max_tokens: int,
+               grammar: Grammar | None) -> tuple[asyncio.Queue, list[Sequence]]:
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
         seqs = []
         for i, ids in enumerate(prompts):
             def emit(o: Output, i: int = i) -> None:
                 loop.call_soon_threadsafe(queue.put_nowait, (i, o))
             try:
-                seqs.append(engine.submit(ids, req.params(max_tokens, i), emit, req.n_logprobs()))
+                constraint = Constraint(grammar) if grammar is not None else None
+                seqs.append(engine.submit(ids, req.params(max_tokens, i), emit, req.n_logprobs(), constraint))
             except LeanLMError as e:
                 for s in seqs:
                     s.cancel()
@@ -154,7 +173,8 @@ def create_app(llm: LLM, engine: Engine, model_name: str, api_key: str | None = 
         return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
     async def respond(request: Request, req: SamplingFields, prompts: list[list[int]], max_tokens: int,
-                      chat: bool, n_prompt: int, echo: list[tuple[str, dict[str, Any] | None]] | None = None) -> Any:
+                      chat: bool, n_prompt: int, echo: list[tuple[str, dict[str, Any] | None]] | None = None,
+                      grammar: Grammar | None = None) -> Any:
         """echo: per choice, the prompt's text and its legacy logprobs (None without logprobs)."""
         want_lp = req.n_logprobs() is not None
         if echo is not None and max_tokens == 0:  # score the prompt only
@@ -162,7 +182,7 @@ def create_app(llm: LLM, engine: Engine, model_name: str, api_key: str | None = 
                        for i, (text, lp) in enumerate(echo)]
             return {"id": new_id("cmpl"), "object": "text_completion", "created": now(), "model": model_name,
                     "choices": choices, "usage": usage(n_prompt, 0)}
-        queue, seqs = launch(prompts, req, max_tokens)
+        queue, seqs = launch(prompts, req, max_tokens, grammar)
         rid, created = new_id("chatcmpl" if chat else "cmpl"), now()
         obj = "chat.completion" if chat else "text_completion"
         if not req.stream:
@@ -259,7 +279,8 @@ def create_app(llm: LLM, engine: Engine, model_name: str, api_key: str | None = 
             raise APIError(400, str(e), "messages") from e
         asked = req.max_completion_tokens or req.max_tokens
         max_tokens = budget(len(ids), asked, "max_completion_tokens" if req.max_completion_tokens else "max_tokens")
-        return await respond(request, req, [ids] * req.n, max_tokens, chat=True, n_prompt=len(ids))
+        grammar = await grammar_for(req)
+        return await respond(request, req, [ids] * req.n, max_tokens, chat=True, n_prompt=len(ids), grammar=grammar)
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request) -> Any:
@@ -288,6 +309,7 @@ def create_app(llm: LLM, engine: Engine, model_name: str, api_key: str | None = 
         if req.echo and req.stream:
             raise APIError(400, "echo is not supported with stream", "echo", "unsupported")
         max_tokens = min(budget(len(ids), asked, "max_tokens") for ids in prompts)
+        grammar = await grammar_for(req)
         echo = None
         if req.echo:
             texts = [p] if isinstance(p, str) else list(p) if all(isinstance(x, str) for x in p) else \
@@ -298,7 +320,7 @@ def create_app(llm: LLM, engine: Engine, model_name: str, api_key: str | None = 
                                                                         for ids in prompts]))
             echo = [(texts[k], lps[k]) for k in range(len(prompts)) for _ in range(req.n)]
         return await respond(request, req, [ids for ids in prompts for _ in range(req.n)], max_tokens, chat=False,
-                             n_prompt=sum(map(len, prompts)), echo=echo)
+                             n_prompt=sum(map(len, prompts)), echo=echo, grammar=grammar)
 
     @app.post("/tokenize")
     async def tokenize(req: TokenizeRequest) -> dict[str, Any]:

@@ -37,6 +37,7 @@ from ..errors import LeanLMError
 from ..llm import LLM
 from ..sampling import SamplingParams, sample
 from ..stops import StopStrings
+from ..structured import Constraint
 from ..tokenizer import StreamDecoder
 
 
@@ -58,8 +59,9 @@ Emit = Callable[[Output], None]
 
 class Sequence:
     def __init__(self, prompt: Seq[int], params: SamplingParams, emit: Emit, llm: LLM, max_len: int,
-                 logprobs: int | None = None) -> None:
+                 logprobs: int | None = None, constraint: Constraint | None = None) -> None:
         self.prompt, self.params, self.emit, self.logprobs = list(prompt), params, emit, logprobs
+        self.constraint = constraint  # structured output: masks the logits, advanced by each token
         n = len(self.prompt)
         self.max_tokens = min(params.max_tokens, max_len - n)
         self.row = -1
@@ -110,14 +112,16 @@ class Engine:
         self.last_batch = 0  # sequences decoded in the last step
 
     # --- requests ----------------------------------------------------------------------------
-    def submit(self, prompt: Seq[int], params: SamplingParams, emit: Emit, logprobs: int | None = None) -> Sequence:
-        """Queue a sequence; `emit` gets its Outputs (with the top `logprobs` alternatives if not None)."""
+    def submit(self, prompt: Seq[int], params: SamplingParams, emit: Emit, logprobs: int | None = None,
+               constraint: Constraint | None = None) -> Sequence:
+        """Queue a sequence; `emit` gets its Outputs (with the top `logprobs` alternatives if not None);
+        a constraint (structured.Constraint, one per sequence) restricts the tokens it may sample."""
         if not prompt:
             raise LeanLMError("the prompt is empty")
         if len(prompt) >= self.max_len:
             raise LeanLMError(f"the prompt is {len(prompt)} tokens, which does not fit the context of "
                               f"{self.max_len} tokens")
-        seq = Sequence(prompt, params, emit, self.llm, self.max_len, logprobs)
+        seq = Sequence(prompt, params, emit, self.llm, self.max_len, logprobs, constraint)
         with self._wake:
             self.waiting.append(seq)
             self._wake.notify()
@@ -250,6 +254,8 @@ class Engine:
         if seq.generated and (p.presence_penalty or p.frequency_penalty):
             counts = torch.bincount(torch.tensor(seq.generated), minlength=logits.shape[-1]).float()
             logits = logits.float() - p.frequency_penalty * counts - p.presence_penalty * (counts > 0).float()
+        if seq.constraint is not None:
+            logits = seq.constraint.apply(logits)
         tid = int(sample(logits, p, seq.history[:, :n_hist], seq.generator)[0])
         lp = top = None
         if seq.logprobs is not None:  # under the model's own distribution (before any sampling settings)
@@ -264,9 +270,13 @@ class Engine:
         seq.last_logprobs = (lp, top)
         if tid in seq.stop_ids:
             return self._finish(seq, "stop", "")
+        if seq.constraint is not None:
+            seq.constraint.advance(tid)
         text = seq.stops.push(seq.detok.push(tid))
         if seq.stops.stopped:
             return self._finish(seq, "stop", text, flush=False)
+        if seq.constraint is not None and seq.constraint.done:  # the JSON value is complete: no step for EOS
+            return self._finish(seq, "stop", text)
         if len(seq.generated) >= seq.max_tokens:
             return self._finish(seq, "length", text)
         seq.next_token = tid

@@ -37,6 +37,29 @@ class Message(BaseModel):
         return "".join(parts)
 
 
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+    name: str = "response"
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    def schema_spec(self) -> dict[str, Any] | bool | None:
+        """As LLM.constraint takes it: None (free text), True (any JSON object) or a JSON Schema."""
+        if self.type == "text":
+            return None
+        if self.type == "json_object":
+            return True
+        if self.json_schema is None:
+            raise ValueError("response_format of type json_schema needs a 'json_schema' object")
+        return True if self.json_schema.schema_ is None else self.json_schema.schema_
+
+
 class SamplingFields(BaseModel):
     """Fields shared by chat and text completions."""
 
@@ -56,6 +79,7 @@ class SamplingFields(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False  # extra
+    response_format: ResponseFormat | None = None
 
     @field_validator("stop")
     @classmethod
@@ -79,9 +103,6 @@ class SamplingFields(BaseModel):
     def unsupported(self) -> str | None:
         """The first field we cannot honour yet (refused, never silently ignored), or None."""
         extra = self.model_extra or {}
-        fmt = extra.get("response_format")
-        if isinstance(fmt, dict) and fmt.get("type") not in (None, "text"):
-            return "response_format"
         if extra.get("tools"):
             return "tools"
         return None
