@@ -43,6 +43,30 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
                    help="answer with JSON valid under this JSON Schema file (constrained decoding)")
 
 
+def _add_speculation(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("speculative decoding (greedy output unchanged; sampled output keeps its distribution)")
+    g.add_argument("--draft", default=None, metavar="MODEL", help="draft model with the same tokenizer "
+                   "(the same file at --draft-dtype auto drafts for a float32 target: low-precision self-speculation)")
+    g.add_argument("--draft-dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    g.add_argument("--lookup", action="store_true",
+                   help="draft by prompt lookup (n-grams of the prompt and the text so far)")
+    g.add_argument("--early-exit", type=int, default=None, metavar="N",
+                   help="draft with the model's own first N layers (self-speculation)")
+    g.add_argument("--speculate", type=int, default=4, metavar="K", help="draft tokens per round (default 4)")
+
+
+def _speculate(llm, a: argparse.Namespace) -> None:  # noqa: ANN001
+    """Switch on the speculative decoding the flags ask for."""
+    from .llm import load
+
+    draft = None
+    if a.draft is not None:
+        draft = load(a.draft, dtype=a.draft_dtype, threads=a.threads, prefill_chunk=a.prefill_chunk,
+                     compile=a.compile)
+    if draft is not None or a.lookup or a.early_exit is not None:
+        llm.speculate(a.speculate, draft=draft, lookup=a.lookup, early_exit=a.early_exit)
+
+
 def _params(a: argparse.Namespace):  # noqa: ANN202
     from .sampling import SamplingParams
 
@@ -86,6 +110,7 @@ def cmd_list(a: argparse.Namespace) -> None:
 def cmd_run(a: argparse.Namespace) -> None:
     params, schema = _params(a), _json_schema(a)
     llm = _load(a)
+    _speculate(llm, a)
     llm.constraint(schema)  # an unenforceable schema fails here, before any output
     pieces = llm.generate(a.prompt, params, json_schema=schema) if a.raw else \
         llm.chat([{"role": "user", "content": a.prompt}], params, json_schema=schema)
@@ -94,15 +119,22 @@ def cmd_run(a: argparse.Namespace) -> None:
         sys.stdout.flush()
     sys.stdout.write("\n")
     s = llm.last_stats
+    spec = ""
+    if llm.speculation is not None and llm.last_spec is not None:
+        sp = llm.last_spec
+        spec = (f" | {llm.speculation.kind} k={llm.speculation.k}: {sp.acceptance:.0%} of drafts accepted, "
+                f"{sp.tokens_per_forward:.2f} tok per target forward")
     print(f"[prompt {s.prompt_tokens} tok, {s.prefill_tps:.1f} tok/s | generated {s.gen_tokens} tok, "
-          f"{s.decode_tps:.1f} tok/s ({llm.decode_kind()}) | "
+          f"{s.decode_tps:.1f} tok/s ({llm.decode_kind()}){spec} | "
           f"{s.finish_reason}]", file=sys.stderr)
 
 
 def cmd_chat(a: argparse.Namespace) -> None:
     from .repl import repl
 
-    repl(_load(a), _params(a), system=a.system, json_schema=_json_schema(a))
+    llm = _load(a)
+    _speculate(llm, a)
+    repl(llm, _params(a), system=a.system, json_schema=_json_schema(a))
 
 
 def cmd_tokenize(a: argparse.Namespace) -> None:
@@ -169,11 +201,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("prompt", nargs="?", default="Write a haiku about a small fast language model.")
     s.add_argument("--raw", action="store_true", help="no chat template: complete the prompt as text")
     _add_sampling(s)
+    _add_speculation(s)
     s.set_defaults(fn=cmd_run)
     s = sub.add_parser("chat", help="interactive chat (/reset, /exit; Ctrl-C stops a reply)")
     _add_model(s, optional=True)
     s.add_argument("--system", default=None, help="system prompt")
     _add_sampling(s)
+    _add_speculation(s)
     s.set_defaults(fn=cmd_chat)
     s = sub.add_parser("tokenize", help="print token ids as JSON (no BOS)")
     s.add_argument("model")

@@ -42,6 +42,17 @@ def decode_step(model: Transformer, cache: ModelCache, tokens: torch.Tensor, pos
     return model(tokens, positions, cache, kv_len=kv_len)[:, -1]
 
 
+def verify_step(model: Transformer, cache: ModelCache, tokens: torch.Tensor, positions: torch.Tensor,
+                kv_len: int) -> torch.Tensor:
+    """tokens, positions (1, T >= 2) -> logits (1, T, V): a speculative round's check of T tokens at once."""
+    return model(tokens, positions, cache, kv_len=kv_len)
+
+
+def _kind(batch: int, tokens: int) -> str:
+    """The graph kinds: one sequence, a batch (>= 2) of sequences, or one sequence's block of T >= 2 tokens."""
+    return "verify" if tokens > 1 else "1" if batch == 1 else "n"
+
+
 def cache_dir() -> Path:
     root = os.environ.get("LEANLM_CACHE") or Path.home() / ".cache" / "leanlm"
     return Path(root) / "compiled"
@@ -55,10 +66,10 @@ def _inductor_dir() -> contextlib.AbstractContextManager:
     return temporary_cache_dir(str(cache_dir() / "inductor"))
 
 
-def layout_key(model: Transformer, batch: int) -> str:
+def layout_key(model: Transformer, batch: int, tokens: int = 1) -> str:
     """What a compiled step depends on besides tensor sizes (see the module docstring)."""
     h = hashlib.sha256()
-    h.update(f"{torch.__version__}|{sys.version_info[:2]}|batch={'1' if batch == 1 else 'n'}|{model.cfg!r}".encode())
+    h.update(f"{torch.__version__}|{sys.version_info[:2]}|batch={_kind(batch, tokens)}|{model.cfg!r}".encode())
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
         h.update(f"|{name}:{tuple(t.shape)}:{t.dtype}:{t.device.type}".encode())
     for mod in model.modules():
@@ -69,30 +80,34 @@ def layout_key(model: Transformer, batch: int) -> str:
     return h.hexdigest()[:24]
 
 
-def _example(model: Transformer, batch: int) -> tuple:
+def _example(model: Transformer, batch: int, n_tokens: int = 1) -> tuple:
     """Inputs to trace with. Sizes of 0 or 1 would be specialised, so the buffers hold 64 positions."""
     cache = ModelCache(model.cfg, batch, 64, 16, model.dtype, model.device)
     for t in cache.tensors():  # slot tables (B, S) and K/V (B, n_kv, S, hd): S varies, and B when batched
         if t.dim() == 4:
             torch._dynamo.mark_static(t, 1)
             torch._dynamo.mark_static(t, 3)
+    if n_tokens > 1:  # a verified block: T varies (5 here), batch 1
+        tokens = torch.zeros(1, 5, dtype=torch.long, device=model.device)
+        positions = torch.arange(36, 41, device=model.device)[None]
+        return (model, cache, tokens, positions, 41)
     tokens = torch.zeros(batch, 1, dtype=torch.long, device=model.device)
     positions = torch.full((batch, 1), 40, dtype=torch.long, device=model.device)
     return (model, cache, tokens, positions, 41)
 
 
-def compile_step(model: Transformer, batch: int, path: Path) -> None:
-    """Compile the decode step for this layout and save it at path (takes a minute or more)."""
+def compile_step(model: Transformer, batch: int, path: Path, tokens: int = 1) -> None:
+    """Compile the decode (or verify) step for this layout and save it at path (takes a minute or more)."""
     import torch._inductor.config as inductor_config
     import torch.fx.experimental._config as shape_config
 
-    fn = torch.compile(decode_step, dynamic=True, fullgraph=True)
+    fn = torch.compile(verify_step if tokens > 1 else decode_step, dynamic=True, fullgraph=True)
     # no duck shaping: two sizes that happen to be equal in the example (a 64-slot buffer and a head dim
     # of 64) must not be assumed equal forever
     with _inductor_dir(), inductor_config.patch(cpp_wrapper=True), \
             torch._dynamo.config.patch(specialize_float=True), \
             shape_config.patch(use_duck_shape=False), torch.inference_mode():
-        compiled = fn.aot_compile((_example(model, batch), {}))
+        compiled = fn.aot_compile((_example(model, batch, tokens), {}))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     compiled.save_compiled_function(str(tmp))
@@ -112,21 +127,24 @@ def load_step(path: Path) -> DecodeStep:
 
 
 def get_step(model: Transformer, batch: int, mode: str = "auto",
-             log: Callable[[str], None] | None = None) -> DecodeStep:
-    """The compiled step for this model and batch kind if allowed and available, else the eager one."""
+             log: Callable[[str], None] | None = None, tokens: int = 1) -> DecodeStep:
+    """The compiled step for this model and kind (batch size, or tokens > 1: the speculative verify step)
+    if allowed and available, else the eager one."""
+    eager = verify_step if tokens > 1 else decode_step
     if mode == "off" or model.device.type != "cpu" and mode == "auto":
-        return decode_step
-    path = cache_dir() / f"decode-{layout_key(model, batch)}.bin"
+        return eager
+    what = "verify" if tokens > 1 else "decode"
+    path = cache_dir() / f"{what}-{layout_key(model, batch, tokens)}.bin"
     if not path.exists():
         if mode != "on":
-            return decode_step
+            return eager
         if log:
-            log(f"compiling the decode step for this model (once; saved in {path.parent})")
+            log(f"compiling the {what} step for this model (once; saved in {path.parent})")
         with contextlib.redirect_stdout(io.StringIO()):
-            compile_step(model, batch, path)
+            compile_step(model, batch, path, tokens)
     try:
         return load_step(path)
     except Exception as e:  # a damaged or foreign artifact must not stop generation: stay eager
         if log:
-            log(f"could not load the compiled decode step {path} ({type(e).__name__}: {e}); decoding eagerly")
-        return decode_step
+            log(f"could not load the compiled {what} step {path} ({type(e).__name__}: {e}); running eagerly")
+        return eager

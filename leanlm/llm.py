@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from .cache import ModelCache
-from .compiled import MODES, DecodeStep, decode_step, get_step
+from .compiled import MODES, DecodeStep, decode_step, get_step, verify_step
 from .errors import LeanLMError
 from .generate import GenStats, generate_ids
 from .hub import DEFAULT_MODEL, resolve_model
@@ -56,27 +56,36 @@ class LLM:
         self.prefill_chunk = prefill_chunk  # prompt tokens per forward; sliding layers keep W + this many slots
         self.config = model.cfg
         self.last_stats = GenStats()
-        self._steps: dict[bool, DecodeStep] = {}
+        self._steps: dict[str, DecodeStep] = {}
         self._grammars: Grammars | None = None
         self.speculation: Speculation | None = None  # set by `speculate`
         self.last_spec: SpecStats | None = None
 
-    def decode_step(self, batch: int = 1, mode: str | None = None) -> DecodeStep:
-        """The decode step for this batch size: compiled (compiled.py) per `mode` (default self.compile)."""
-        key = batch > 1
+    def decode_step(self, batch: int = 1, mode: str | None = None, tokens: int = 1) -> DecodeStep:
+        """The decode step for this batch size (or with tokens > 1, speculative decoding's verify step):
+        compiled (compiled.py) per `mode` (default self.compile)."""
+        key = "verify" if tokens > 1 else "n" if batch > 1 else "1"
         if key not in self._steps or mode is not None:
             log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
-            self._steps[key] = get_step(self.model, batch, mode or self.compile, log)
+            self._steps[key] = get_step(self.model, batch, mode or self.compile, log, tokens)
         return self._steps[key]
 
     def decode_kind(self) -> str:
         """'compiled' if a compiled decode step has been used, else 'eager'."""
-        return "compiled" if any(st is not decode_step for st in self._steps.values()) else "eager"
+        eager = (decode_step, verify_step)
+        return "compiled" if any(st not in eager for st in self._steps.values()) else "eager"
 
     def _lazy_step(self, model: Transformer, cache: ModelCache, tokens: torch.Tensor, positions: torch.Tensor,
                    kv_len: int) -> torch.Tensor:
         """Loads the compiled step at the first decode step, after the first token is out."""
         return self.decode_step(tokens.shape[0])(model, cache, tokens, positions, kv_len)
+
+    def _lazy_verify(self, model: Transformer, cache: ModelCache, tokens: torch.Tensor, positions: torch.Tensor,
+                     kv_len: int) -> torch.Tensor:
+        """Speculative decoding's check of a block of tokens (1, T): logits (1, T, V), compiled when available."""
+        if tokens.shape[1] == 1:  # nothing drafted: the plain decode step
+            return self._lazy_step(model, cache, tokens, positions, kv_len)[:, None]
+        return self.decode_step(1, tokens=2)(model, cache, tokens, positions, kv_len)
 
     # --- prompts -------------------------------------------------------------------------
     def encode_prompt(self, prompt: str) -> list[int]:
@@ -124,7 +133,7 @@ class LLM:
             self.last_spec = SpecStats()
             ids_out = speculative_ids(self.model, ids, params, self.speculation.proposer(self, len(ids), params),
                                       self.speculation.k, stop_ids=stop_ids, chunk=self.prefill_chunk, stats=stats,
-                                      spec=self.last_spec, generator=gen)
+                                      spec=self.last_spec, generator=gen, verify=self._lazy_verify)
         else:
             ids_out = generate_ids(self.model, ids, sampler, params.max_tokens, stop_ids=stop_ids,
                                    chunk=self.prefill_chunk, stats=stats, step=self._lazy_step)

@@ -13,6 +13,8 @@ from .cache import KVBuffer, ModelCache, attention_mask
 from .config import ModelConfig
 from .moe import MoE
 
+FEW_QUERIES = 16  # up to this many query tokens per sequence, attention runs as fp32 reductions (see below)
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float, add_one: bool = False) -> None:
@@ -90,8 +92,8 @@ class Attention(nn.Module):
             assert slots is not None
             kv.write(slots, k, v)
             k, v = kv.view(kv_len)  # (B, KV, S, hd)
-        if T == 1 and cfg.attn_softcap is None:
-            o = self._decode_attention(q, k, v, mask)
+        if T <= FEW_QUERIES and cfg.attn_softcap is None:
+            o = self._few_query_attention(q, k, v, mask)
         elif cfg.attn_softcap is None:
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale,
                                                enable_gqa=cfg.n_kv_heads != cfg.n_heads)
@@ -99,16 +101,19 @@ class Attention(nn.Module):
             o = self._softcapped(q, k, v, mask)
         return self.wo(o.transpose(1, 2).reshape(B, T, -1))
 
-    def _decode_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """One query per sequence: the rep query heads of each KV head as rows of one matmul."""
-        B, H, _, hd = q.shape
+    def _few_query_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                             mask: torch.Tensor) -> torch.Tensor:
+        """Attention for a few queries per sequence (a decode step, a speculative block) as fp32 reductions:
+        CPU SDPA costs more per call than the work itself at this size, and every query row is computed the
+        same way whatever T is (a verified block scores like single decode steps)."""
+        B, H, T, hd = q.shape
         KV = k.shape[1]
-        qg = q.view(B, KV, H // KV, hd)  # (B, KV, rep, hd)
-        s = (qg.float()[:, :, :, None] * k.float()[:, :, None]).sum(-1) * self.scale  # (B, KV, rep, S)
-        s = s.masked_fill(~mask, float("-inf"))  # mask (B, 1, 1, S)
+        qg = q.reshape(B, KV, H // KV, T, hd)  # (B, KV, rep, T, hd): the query heads sharing each KV head
+        s = (qg.float()[..., None, :] * k.float()[:, :, None, None]).sum(-1) * self.scale  # (B, KV, rep, T, S)
+        s = s.masked_fill(~mask[:, :, None], float("-inf"))  # mask (B, 1, T, S) -> (B, 1, 1, T, S)
         p = torch.softmax(s, -1)
-        o = (p[..., None] * v.float()[:, :, None]).sum(-2)  # (B, KV, rep, hd)
-        return o.to(q.dtype).view(B, H, 1, hd)  # (B, H, 1, hd)
+        o = (p[..., None] * v.float()[:, :, None, None]).sum(-2)  # (B, KV, rep, T, hd)
+        return o.to(q.dtype).reshape(B, H, T, hd)
 
     def _softcapped(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         rep = self.cfg.n_heads // self.cfg.n_kv_heads

@@ -33,6 +33,7 @@ from typing import Protocol
 import torch
 
 from .cache import ModelCache
+from .compiled import DecodeStep, verify_step
 from .errors import LeanLMError
 from .generate import GenStats, prefill
 from .model import Transformer
@@ -116,8 +117,9 @@ def _penalised(logits: torch.Tensor, params: SamplingParams, history: torch.Tens
 def speculative_ids(model: Transformer, prompt: Sequence[int], params: SamplingParams, proposer: Proposer,
                     k: int, *, stop_ids: frozenset[int] = frozenset(), chunk: int = 512,
                     stats: GenStats | None = None, spec: SpecStats | None = None,
-                    generator: torch.Generator | None = None) -> Iterator[int]:
-    """Yield generated token ids, as generate.generate_ids does, `k` drafts checked per target forward."""
+                    generator: torch.Generator | None = None, verify: DecodeStep = verify_step) -> Iterator[int]:
+    """Yield generated token ids, as generate.generate_ids does, `k` drafts checked per target forward.
+    verify: (model, cache, tokens (1, T), positions (1, T), kv_len) -> logits (1, T, V) (compiled.py)."""
     cfg, n = model.cfg, len(prompt)
     ctx = cfg.context_length
     if n == 0:
@@ -160,7 +162,7 @@ def speculative_ids(model: Transformer, prompt: Sequence[int], params: SamplingP
         pos = len(tokens) - 1  # of the pending token
         block = torch.tensor([[tokens[-1], *drafts]], device=device)
         positions = torch.arange(pos, pos + block.shape[1], device=device)[None]
-        target = model(block, positions, cache, kv_len=pos + block.shape[1])[0]  # (T, V)
+        target = verify(model, cache, block, positions, pos + block.shape[1])[0]  # (T, V)
         hist = torch.tensor(tokens, device=device)
         kept, nxt = accept(target, drafts, q, params, hist, generator)
         spec.rounds += 1

@@ -109,3 +109,19 @@ def test_real_model_greedy_speculation_is_exact(smol: leanlm.LLM, smol_path: Pat
         target.speculate()  # off again: the model is shared with other tests
     assert got == want
     assert target.last_spec is not None and target.last_spec.rounds < 48
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["lookup", "early-exit", "low-precision draft"])
+def test_gemma_greedy_speculation_is_exact(gemma_path: Path, how: str) -> None:
+    """Gemma 3: sliding-window layers (W 512) with rolling buffers of W + 16 slots (prefill chunk 16) that
+    wrap during a 600-token answer."""
+    quant = leanlm.load(gemma_path, compile="off", progress=False, prefill_chunk=16)
+    target = leanlm.load(gemma_path, dtype="float32", compile="off", progress=False, prefill_chunk=16) \
+        if how.startswith("low") else quant
+    msgs = [{"role": "user", "content": "Write the numbers from 1 to 300 in words, separated by commas."}]
+    want = "".join(target.chat(msgs, temperature=0, max_tokens=600, ignore_eos=True))
+    target.speculate(4, lookup=how == "lookup", early_exit=9 if how == "early-exit" else None,
+                     draft=quant if how.startswith("low") else None)
+    got = "".join(target.chat(msgs, temperature=0, max_tokens=600, ignore_eos=True))
+    assert got == want and target.last_stats.prompt_tokens + 600 > 512 + 16
