@@ -51,6 +51,15 @@ def prefill(model: Transformer, cache: ModelCache, ids: torch.Tensor, start: int
     return logits[:, -1]
 
 
+def token_budget(n_prompt: int, max_tokens: int, context: int) -> int:
+    """How many tokens may be generated after a prompt of n_prompt tokens; refuses prompts that cannot run."""
+    if n_prompt == 0:
+        raise LeanLMError("the prompt is empty")
+    if n_prompt >= context:
+        raise LeanLMError(f"the prompt is {n_prompt} tokens, which does not fit the context of {context} tokens")
+    return min(max_tokens, context - n_prompt)
+
+
 @torch.inference_mode()
 def generate_ids(model: Transformer, prompt: Sequence[int], sampler: Sampler, max_tokens: int, *,
                  stop_ids: frozenset[int] = frozenset(), context: int | None = None, chunk: int = 512,
@@ -60,13 +69,8 @@ def generate_ids(model: Transformer, prompt: Sequence[int], sampler: Sampler, ma
     step runs one decode step (compiled.py: the eager one by default, or a compiled one).
     """
     cfg = model.cfg
-    ctx = context or cfg.context_length
     n = len(prompt)
-    if n == 0:
-        raise LeanLMError("the prompt is empty")
-    if n >= ctx:
-        raise LeanLMError(f"the prompt is {n} tokens, which does not fit the context of {ctx} tokens")
-    max_tokens = min(max_tokens, ctx - n)
+    max_tokens = token_budget(n, max_tokens, context or cfg.context_length)
     stats = stats if stats is not None else GenStats()
     stats.prompt_tokens = n
     if max_tokens <= 0:

@@ -35,7 +35,7 @@ import torch
 from .cache import ModelCache
 from .compiled import DecodeStep, verify_step
 from .errors import LeanLMError
-from .generate import GenStats, prefill
+from .generate import GenStats, prefill, token_budget
 from .model import Transformer
 from .sampling import SamplingParams, apply_repeat_penalty, filter_logits
 
@@ -121,14 +121,9 @@ def speculative_ids(model: Transformer, prompt: Sequence[int], params: SamplingP
     """Yield generated token ids, as generate.generate_ids does, `k` drafts checked per target forward.
     verify: (model, cache, tokens (1, T), positions (1, T), kv_len) -> logits (1, T, V) (compiled.py)."""
     cfg, n = model.cfg, len(prompt)
-    ctx = cfg.context_length
-    if n == 0:
-        raise LeanLMError("the prompt is empty")
-    if n >= ctx:
-        raise LeanLMError(f"the prompt is {n} tokens, which does not fit the context of {ctx} tokens")
     if not 1 <= k < chunk:
         raise LeanLMError(f"speculate must be in [1, {chunk - 1}] (the prefill chunk bounds a verified block)")
-    max_tokens = min(params.max_tokens, ctx - n)
+    max_tokens = token_budget(n, params.max_tokens, cfg.context_length)
     stats = stats if stats is not None else GenStats()
     spec = spec if spec is not None else SpecStats()
     stats.prompt_tokens = n
