@@ -21,7 +21,7 @@ from .compiled import DecodeStep, decode_step
 from .errors import LeanLMError
 from .model import Transformer
 from .sampling import SamplingParams
-from .speculative import probs
+from .speculative import probs, recent
 
 
 class PromptLookup:
@@ -86,7 +86,7 @@ class DraftModel:
         self.fed = list(tokens)
         drafts: list[int] = []
         qs = []
-        history = torch.tensor(list(tokens), device=device)
+        history = recent(tokens, params, device)
         for i in range(k):
             assert logits is not None
             if params.greedy:

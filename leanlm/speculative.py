@@ -99,6 +99,12 @@ def accept(target: torch.Tensor, drafts: Sequence[int], q: torch.Tensor | None, 
     return len(drafts), int(torch.multinomial(p, 1, generator=generator))
 
 
+def recent(tokens: Sequence[int], params: SamplingParams, device: torch.device | str) -> torch.Tensor:
+    """The tail of the text the repetition penalty looks at (all it needs; not the whole text every round)."""
+    n = params.repeat_last_n if params.repeat_penalty != 1.0 else 0
+    return torch.tensor(list(tokens[len(tokens) - n:]) if n else [], dtype=torch.long, device=device)
+
+
 def _extend(history: torch.Tensor, extra: Sequence[int]) -> torch.Tensor:
     if not extra:
         return history
@@ -135,7 +141,7 @@ def speculative_ids(model: Transformer, prompt: Sequence[int], params: SamplingP
     tokens = list(prompt)
     t0 = time.perf_counter()
     logits = prefill(model, cache, torch.tensor([tokens], device=device), 0, chunk)[0]
-    hist = torch.tensor(tokens, device=device)
+    hist = recent(tokens, params, device)
     first = accept(logits[None], [], None, params, hist, generator)[1]
     stats.prefill_s = time.perf_counter() - t0
     t1 = time.perf_counter()
@@ -158,7 +164,7 @@ def speculative_ids(model: Transformer, prompt: Sequence[int], params: SamplingP
         block = torch.tensor([[tokens[-1], *drafts]], device=device)
         positions = torch.arange(pos, pos + block.shape[1], device=device)[None]
         target = verify(model, cache, block, positions, pos + block.shape[1])[0]  # (T, V)
-        hist = torch.tensor(tokens, device=device)
+        hist = recent(tokens, params, device)
         kept, nxt = accept(target, drafts, q, params, hist, generator)
         spec.rounds += 1
         spec.proposed += len(drafts)

@@ -125,3 +125,14 @@ def test_gemma_greedy_speculation_is_exact(gemma_path: Path, how: str) -> None:
                      draft=quant if how.startswith("low") else None)
     got = "".join(target.chat(msgs, temperature=0, max_tokens=600, ignore_eos=True))
     assert got == want and target.last_stats.prompt_tokens + 600 > 512 + 16
+
+
+def test_repetition_penalty_is_applied_row_by_row(target: torch.nn.Module) -> None:
+    """Each verified row is penalised with the text up to it (drafts included), as plain decoding does."""
+    from leanlm.sampling import sample
+
+    params = SamplingParams(max_tokens=60, temperature=0, repeat_penalty=1.5, repeat_last_n=8)
+    want = list(generate_ids(target, PROMPT, lambda lg, h: sample(lg, params, h), 60, chunk=6))
+    assert want != list(generate_ids(target, PROMPT, greedy, 60, chunk=6))  # the penalty matters here
+    got = list(speculative_ids(target, PROMPT, params, DraftModel(target, 200, 6), 4, chunk=6))
+    assert got == want
