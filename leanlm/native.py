@@ -64,7 +64,16 @@ def library() -> ctypes.CDLL | None:
     lib.int8_matvec.restype = None
     lib.int4_dense_bf16.argtypes = [_PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, ctypes.c_int]
     lib.int4_dense_bf16.restype = None
+    lib.int8_matvec_vnni.argtypes = [_PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, ctypes.c_int]
+    lib.int8_matvec_vnni.restype = None
+    lib.int8_vnni_available.restype = ctypes.c_int
     return lib
+
+
+def vnni_head() -> bool:
+    """Does the head run on VNNI with int8-quantised activations (kernels/int8_vnni.c)? Else fp32 math."""
+    lib = library()
+    return lib is not None and bool(lib.int8_vnni_available()) and os.environ.get("LEANLM_VNNI", "1") != "0"
 
 
 MAX_ROWS = 64  # beyond this many input rows (prefill, perplexity), PyTorch's kernel is used
@@ -78,7 +87,8 @@ def int8_matmul(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> t
         return torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), codes, scales).float()
     x32 = x.float().contiguous()
     y = torch.empty(x.shape[0], codes.shape[0], dtype=torch.float32)
-    lib.int8_matvec(x32.data_ptr(), codes.data_ptr(), scales.data_ptr(), y.data_ptr(),
+    kernel = lib.int8_matvec_vnni if vnni_head() else lib.int8_matvec
+    kernel(x32.data_ptr(), codes.data_ptr(), scales.data_ptr(), y.data_ptr(),
                     x.shape[0], codes.shape[0], codes.shape[1], torch.get_num_threads())
     return y
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -16,13 +18,19 @@ def reference(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> tor
 # k: a multiple of the vector width and an odd size
 @pytest.mark.parametrize(("m", "k"), [(1, 576), (3, 576), (4, 576), (9, 576), (1, 37), (9, 37),
                                       (native.MAX_ROWS + 1, 576)])
-def test_int8_matmul_is_exact_float_math(m: int, k: int) -> None:
+@pytest.mark.parametrize("vnni", ["1", "0"])
+def test_int8_matmul_is_exact_float_math(m: int, k: int, vnni: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """fp32 math, or with VNNI (where the CPU has it) exact integer math on activations quantised per row."""
+    monkeypatch.setenv("LEANLM_VNNI", vnni)
     g = torch.Generator().manual_seed(k + m)
     codes = torch.randint(-127, 128, (1000, k), dtype=torch.int8, generator=g)
     scales = (torch.rand(1000, generator=g) / 50).to(torch.bfloat16)
     x = torch.randn(m, k, generator=g).to(torch.bfloat16)
     got = native.int8_matmul(x, codes, scales)
     ref = reference(x, codes, scales)
+    if native.vnni_head() and m <= native.MAX_ROWS:  # x rounded to int8 with one scale per row, then exact
+        d = x.float().abs().amax(1, keepdim=True) / 127  # in fp32, as the kernel does
+        ref = reference(torch.round(x.float() / d).double() * d.double(), codes, scales)
     assert got.dtype == torch.float32 and got.shape == (m, 1000)
     # fp32 accumulation over k products: relative to the size of the terms, not of the (cancelling) sum
     scale = (x.double().abs() @ codes.double().abs().T) * scales.double()
@@ -31,8 +39,11 @@ def test_int8_matmul_is_exact_float_math(m: int, k: int) -> None:
 
 
 def test_native_library_builds_here() -> None:
-    """This machine has a C compiler: the kernels must build (a silent fallback would hide a slow path)."""
+    """This machine has a C compiler: the kernels must build (a silent fallback would hide a slow path), and
+    the VNNI head is used wherever the CPU has AVX-512 VNNI."""
     assert native.library() is not None
+    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+    assert native.vnni_head() == (" avx512_vnni" in flags and " avx512bw" in flags)
 
 
 @pytest.mark.parametrize(("n", "k", "mults", "g"), [(128, 96, (1.0,), 32), (192, 64, (1.0, 16.0), 32),
