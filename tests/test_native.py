@@ -28,8 +28,8 @@ def test_int8_matmul_is_exact_float_math(m: int, k: int, vnni: str, monkeypatch:
     x = torch.randn(m, k, generator=g).to(torch.bfloat16)
     got = native.int8_matmul(x, codes, scales)
     ref = reference(x, codes, scales)
-    if native.vnni_head() and m <= native.MAX_ROWS:  # x rounded to int8 with one scale per row, then exact
-        d = x.float().abs().amax(1, keepdim=True) / 127  # in fp32, as the kernel does
+    if native.vnni_head() and m <= native.MAX_ROWS:  # x rounded to int16 with one scale per row, then exact
+        d = x.float().abs().amax(1, keepdim=True) / 32767  # in fp32, as the kernel does
         ref = reference(torch.round(x.float() / d).double() * d.double(), codes, scales)
     assert got.dtype == torch.float32 and got.shape == (m, 1000)
     # fp32 accumulation over k products: relative to the size of the terms, not of the (cancelling) sum
