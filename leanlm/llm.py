@@ -178,7 +178,8 @@ class LLM:
             draft = early
         if not 1 <= k < self.prefill_chunk:
             raise LeanLMError(f"speculate must be in [1, {self.prefill_chunk - 1}]")
-        self.speculation = Speculation(k, draft)
+        kind = "lookup" if lookup else "draft" if early_exit is None else "early-exit"
+        self.speculation = Speculation(k, draft, kind)
 
     def generate(self, prompt: str, params: SamplingParams | None = None, *,
                  json_schema: dict[str, Any] | bool | None = None, **kw: Any) -> Iterator[str]:
@@ -202,14 +203,8 @@ class LLM:
 class Speculation:
     """How an LLM speculates: k drafts per round, from a draft LLM or (draft None) by prompt lookup."""
 
-    def __init__(self, k: int, draft: LLM | None) -> None:
-        self.k, self.draft = k, draft
-
-    @property
-    def kind(self) -> str:
-        if self.draft is None:
-            return "lookup"
-        return "draft" if self.draft.path is not None else "early-exit"
+    def __init__(self, k: int, draft: LLM | None, kind: str) -> None:
+        self.k, self.draft, self.kind = k, draft, kind  # kind: "lookup", "draft" or "early-exit"
 
     def proposer(self, target: LLM, n_prompt: int, params: SamplingParams) -> Proposer:
         if self.draft is None:

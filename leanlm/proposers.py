@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import replace
+from typing import Any
 
 import torch
 from torch import nn
@@ -54,7 +55,8 @@ class PromptLookup:
 
 
 class DraftModel:
-    """A draft model with its own cache. step: its decode step (compiled.py), eager by default."""
+    """A draft model with its own cache, for one generation (the text it is shown only grows). step: its decode
+    step (compiled.py), eager by default."""
 
     def __init__(self, model: Transformer, max_len: int, chunk: int = 512, step: DecodeStep = decode_step,
                  vocab_size: int | None = None) -> None:
@@ -62,16 +64,15 @@ class DraftModel:
         self.vocab_size = vocab_size or model.cfg.vocab_size  # the target's (q is padded to it)
         self.cache = ModelCache(model.cfg, 1, max_len, chunk, model.dtype, model.device)
         self.fed: list[int] = []  # the tokens whose keys are in the cache, at positions 0..len-1
+        self.committed = 0  # fed[:committed] were committed tokens when last proposed (so they still are)
 
     @torch.inference_mode()
     def propose(self, tokens: Sequence[int], k: int, params: SamplingParams,
                 generator: torch.Generator | None) -> tuple[list[int], torch.Tensor | None]:
         if k <= 0:
             return [], None
-        keep = 0
-        for a, b in zip(self.fed, tokens):
-            if a != b:
-                break
+        keep = min(self.committed, len(tokens))  # committed text only grows: compare just the drafts fed since
+        while keep < len(self.fed) and keep < len(tokens) and self.fed[keep] == tokens[keep]:
             keep += 1
         keep = min(keep, len(tokens) - 1)  # the last token is always fed: its logits give the first draft
         if len(tokens) + k > self.cache.max_len:
@@ -83,7 +84,9 @@ class DraftModel:
             piece = torch.tensor([rest[s:s + self.chunk]], device=device)
             pos = torch.arange(keep + s, keep + s + piece.shape[1], device=device)[None]
             logits = model(piece, pos, self.cache, last_only=True, kv_len=keep + s + piece.shape[1])[:, -1]
-        self.fed = list(tokens)
+        del self.fed[keep:]  # no copy of the whole text per round
+        self.fed.extend(rest)
+        self.committed = len(tokens)
         drafts: list[int] = []
         qs = []
         history = recent(tokens, params, device)
@@ -123,13 +126,13 @@ def early_exit(model: Transformer, n_layers: int) -> Transformer:
     return view
 
 
-def check_vocab(target_tok: object, draft_tok: object, target_vocab: int, draft_vocab: int) -> None:
-    """Refuse a draft whose tokens mean something else than the target's."""
-    n = min(target_tok.vocab_size, draft_tok.vocab_size)  # type: ignore[attr-defined]
-    if abs(target_tok.vocab_size - draft_tok.vocab_size) > 128 or draft_vocab > target_vocab + 128:  # type: ignore
-        raise LeanLMError(f"the draft model's vocabulary ({draft_tok.vocab_size} tokens) differs from the "  # type: ignore
+def check_vocab(target_tok: Any, draft_tok: Any, target_vocab: int, draft_vocab: int) -> None:
+    """Refuse a draft whose tokens mean something else than the target's (tokenizers and model vocab sizes:
+    the draft's distributions are padded to the target's logits, never cut)."""
+    if target_tok.vocab_size != draft_tok.vocab_size or draft_vocab > target_vocab:
+        raise LeanLMError(f"the draft model's vocabulary ({draft_tok.vocab_size} tokens) differs from the "
                           f"target's ({target_tok.vocab_size}): speculative decoding needs the same tokenizer")
-    for i in range(n):
-        if target_tok.token_bytes(i) != draft_tok.token_bytes(i):  # type: ignore[attr-defined]
+    for i in range(target_tok.vocab_size):
+        if target_tok.token_bytes(i) != draft_tok.token_bytes(i):
             raise LeanLMError(f"the draft model's token {i} differs from the target's: speculative decoding "
                               "needs the same tokenizer")

@@ -136,3 +136,19 @@ def test_repetition_penalty_is_applied_row_by_row(target: torch.nn.Module) -> No
     assert want != list(generate_ids(target, PROMPT, greedy, 60, chunk=6))  # the penalty matters here
     got = list(speculative_ids(target, PROMPT, params, DraftModel(target, 200, 6), 4, chunk=6))
     assert got == want
+
+
+def test_a_draft_with_another_vocabulary_is_refused() -> None:
+    from types import SimpleNamespace
+
+    from leanlm.proposers import check_vocab
+
+    def tok(pieces: list[bytes]) -> SimpleNamespace:
+        return SimpleNamespace(vocab_size=len(pieces), token_bytes=lambda i: pieces[i])
+
+    a = tok([b"a", b"b", b"c"])
+    check_vocab(a, tok([b"a", b"b", b"c"]), 3, 3)
+    with pytest.raises(LeanLMError, match="token 1 differs"):
+        check_vocab(a, tok([b"a", b"x", b"c"]), 3, 3)
+    with pytest.raises(LeanLMError, match="vocabulary"):
+        check_vocab(a, tok([b"a", b"b"]), 3, 2)
