@@ -185,7 +185,9 @@ def cmd_bench(a: argparse.Namespace) -> None:
 def cmd_serve(a: argparse.Namespace) -> None:
     from .serve.server import serve
 
-    serve(_load(a), a.model, host=a.host, port=a.port, api_key=a.api_key, max_batch=a.max_batch, ctx=a.ctx)
+    llm = _load(a)
+    _speculate(llm, a)
+    serve(llm, a.model, host=a.host, port=a.port, api_key=a.api_key, max_batch=a.max_batch, ctx=a.ctx)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -250,6 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on API routes")
     s.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (default 8)")
     s.add_argument("--ctx", type=int, default=2048, help="context per sequence in tokens (default 2048)")
+    _add_speculation(s)
     s.set_defaults(fn=cmd_serve)
     return p
 

@@ -44,13 +44,16 @@ def decode_step(model: Transformer, cache: ModelCache, tokens: torch.Tensor, pos
 
 def verify_step(model: Transformer, cache: ModelCache, tokens: torch.Tensor, positions: torch.Tensor,
                 kv_len: int) -> torch.Tensor:
-    """tokens, positions (1, T >= 2) -> logits (1, T, V): a speculative round's check of T tokens at once."""
+    """tokens, positions (B, T >= 2) -> logits (B, T, V): a speculative round's check of T tokens per row."""
     return model(tokens, positions, cache, kv_len=kv_len)
 
 
-def _kind(batch: int, tokens: int) -> str:
-    """The graph kinds: one sequence, a batch (>= 2) of sequences, or one sequence's block of T >= 2 tokens."""
-    return "verify" if tokens > 1 else "1" if batch == 1 else "n"
+def step_kind(batch: int, tokens: int) -> str:
+    """The graph kinds: one sequence, a batch (>= 2) of sequences, and the same two checking blocks of
+    T >= 2 tokens per sequence (speculative decoding)."""
+    if tokens > 1:
+        return "verify" if batch == 1 else "nverify"
+    return "1" if batch == 1 else "n"
 
 
 def cache_dir() -> Path:
@@ -69,7 +72,7 @@ def _inductor_dir() -> contextlib.AbstractContextManager:
 def layout_key(model: Transformer, batch: int, tokens: int = 1) -> str:
     """What a compiled step depends on besides tensor sizes (see the module docstring)."""
     h = hashlib.sha256()
-    h.update(f"{torch.__version__}|{sys.version_info[:2]}|batch={_kind(batch, tokens)}|{model.cfg!r}".encode())
+    h.update(f"{torch.__version__}|{sys.version_info[:2]}|batch={step_kind(batch, tokens)}|{model.cfg!r}".encode())
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
         h.update(f"|{name}:{tuple(t.shape)}:{t.dtype}:{t.device.type}".encode())
     for mod in model.modules():
@@ -87,9 +90,9 @@ def _example(model: Transformer, batch: int, n_tokens: int = 1) -> tuple:
         if t.dim() == 4:
             torch._dynamo.mark_static(t, 1)
             torch._dynamo.mark_static(t, 3)
-    if n_tokens > 1:  # a verified block: T varies (5 here), batch 1
-        tokens = torch.zeros(1, 5, dtype=torch.long, device=model.device)
-        positions = torch.arange(36, 41, device=model.device)[None]
+    if n_tokens > 1:  # verified blocks: T varies (5 here), and B when batched
+        tokens = torch.zeros(batch, 5, dtype=torch.long, device=model.device)
+        positions = torch.arange(36, 41, device=model.device).repeat(batch, 1)
         return (model, cache, tokens, positions, 41)
     tokens = torch.zeros(batch, 1, dtype=torch.long, device=model.device)
     positions = torch.full((batch, 1), 40, dtype=torch.long, device=model.device)

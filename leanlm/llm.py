@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from .cache import ModelCache
-from .compiled import MODES, DecodeStep, decode_step, get_step, verify_step
+from .compiled import MODES, DecodeStep, decode_step, get_step, step_kind, verify_step
 from .errors import LeanLMError
 from .generate import GenStats, generate_ids
 from .hub import DEFAULT_MODEL, resolve_model
@@ -64,7 +64,7 @@ class LLM:
     def decode_step(self, batch: int = 1, mode: str | None = None, tokens: int = 1) -> DecodeStep:
         """The decode step for this batch size (or with tokens > 1, speculative decoding's verify step):
         compiled (compiled.py) per `mode` (default self.compile)."""
-        key = "verify" if tokens > 1 else "n" if batch > 1 else "1"
+        key = step_kind(batch, tokens)
         if key not in self._steps or mode is not None:
             log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
             self._steps[key] = get_step(self.model, batch, mode or self.compile, log, tokens)

@@ -11,15 +11,16 @@ from collections.abc import Iterator
 import uvicorn
 
 import leanlm
+from leanlm.llm import Speculation
 from leanlm.serve.app import create_app
 from leanlm.serve.engine import Engine
 
 
 @contextlib.contextmanager
 def running_server(llm: leanlm.LLM, name: str = "smol", max_batch: int = 4, api_key: str | None = None,
-                   max_len: int = 512, chunk: int = 64) -> Iterator[str]:
+                   max_len: int = 512, chunk: int = 64, speculation: Speculation | None = None) -> Iterator[str]:
     """Yield the server's base URL; the engine runs in its own thread (as `Engine.start` explains)."""
-    engine = Engine(llm, max_batch=max_batch, max_len=max_len, chunk=chunk)
+    engine = Engine(llm, max_batch=max_batch, max_len=max_len, chunk=chunk, speculation=speculation)
     engine.start()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -114,20 +114,25 @@ def test_a_damaged_artifact_falls_back_to_eager(steps: dict, tmp_path: Path, mon
     assert said and "running eagerly" in said[0]
 
 
-def test_compiled_verify_step_equals_eager(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Speculative decoding's verify step (blocks of T >= 2 tokens, batch 1) compiled once, used for any T."""
+@pytest.mark.parametrize("batch", [1, 3])
+def test_compiled_verify_step_equals_eager(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, batch: int) -> None:
+    """Speculative decoding's verify step (blocks of T >= 2 tokens per row; one sequence, or a batch of rows
+    at different positions) compiled once, used for any T and batch size."""
     monkeypatch.setenv("LEANLM_CACHE", str(tmp_path))
     m = tiny()
-    step = compiled.get_step(m, 1, "on", tokens=2)
+    step = compiled.get_step(m, batch, "on", tokens=2)
     assert step is not compiled.verify_step
-    assert compiled.layout_key(m, 1, tokens=2) != compiled.layout_key(m, 1)
-    ids = torch.randint(0, 96, (1, 40), generator=torch.Generator().manual_seed(3))
-    with torch.inference_mode():
-        caches = [ModelCache(m.cfg, 1, 60, 6, m.dtype) for _ in range(2)]
-        s = 0
-        for T in (6, 2, 5, 3, 6, 4, 2, 6, 6):  # the rolling buffers (W 4 + chunk 6) wrap several times
-            blk, pos = ids[:, s:s + T], torch.arange(s, s + T)[None]
-            ref = compiled.verify_step(m, caches[0], blk, pos, s + T)
-            got = step(m, caches[1], blk, pos, s + T)
-            assert got.shape == (1, T, 96) and (got - ref).abs().max().item() < 1e-4
-            s += T
+    assert compiled.layout_key(m, batch, tokens=2) != compiled.layout_key(m, batch)
+    ids = torch.randint(0, 96, (batch, 50), generator=torch.Generator().manual_seed(3))
+    lag = torch.arange(batch)[:, None] * 3  # row r runs 3r positions behind row 0
+    for B in (batch, 2) if batch > 1 else (1,):
+        with torch.inference_mode():
+            caches = [ModelCache(m.cfg, B, 60, 6, m.dtype) for _ in range(2)]
+            s = 0
+            for T in (6, 2, 5, 3, 6, 4, 2, 6, 6):  # the rolling buffers (W 4 + chunk 6) wrap several times
+                pos = torch.arange(s, s + T)[None] + 6 - lag[:B]  # (B, T), row 0 from 6, row 2 from 0
+                blk = ids[:B].gather(1, pos)
+                ref = compiled.verify_step(m, caches[0], blk, pos, int(pos.max()) + 1)
+                got = step(m, caches[1], blk, pos, int(pos.max()) + 1)
+                assert got.shape == (B, T, 96) and (got - ref).abs().max().item() < 1e-4
+                s += T

@@ -11,7 +11,8 @@ Rows inside 0..hi-1 that are not decoding still go through that forward, with a 
   P % size, which the row's next prefill chunk overwrites before anything reads it. Example: row 2 has
   prefilled positions 0..255 of a 600-token prompt; a decode step feeds it position 256, so slot 256 holds
   junk; the next chunk writes positions 256..511 (slot 256 included) and only then attends.
-The forward's outputs for those rows are dropped.
+The forward's outputs for those rows are dropped. With speculative decoding (speculation.py) the step
+verifies every row's drafts in one forward of T tokens per row, padded by the same rules.
 
 The engine runs in its own thread; `emit` callbacks are called from it (the server hops them onto its
 event loop).
@@ -34,11 +35,13 @@ import torch
 
 from ..cache import ModelCache
 from ..errors import LeanLMError
-from ..llm import LLM
+from ..llm import LLM, Speculation
 from ..sampling import SamplingParams, sample
+from ..speculative import Proposer
 from ..stops import StopStrings
 from ..structured import Constraint
 from ..tokenizer import StreamDecoder
+from .speculation import RowSpeculation
 
 
 @dataclass
@@ -68,6 +71,8 @@ class Sequence:
         self.prefilled = 0  # prompt tokens already in the cache
         self.next_token: int | None = None  # sampled, not yet fed back
         self.generated: list[int] = []
+        self.tokens = list(prompt)  # the prompt and every generated token (what a proposer reads)
+        self.proposer: Proposer | None = None  # speculative decoding's drafts for this sequence, if any
         self.history = torch.zeros(1, n + max(self.max_tokens, 1), dtype=torch.long)
         self.history[0, :n] = torch.tensor(self.prompt)
         self.generator = torch.Generator()
@@ -96,12 +101,21 @@ class Sequence:
 
 
 class Engine:
-    def __init__(self, llm: LLM, max_batch: int = 8, max_len: int | None = None, chunk: int = 256) -> None:
+    def __init__(self, llm: LLM, max_batch: int = 8, max_len: int | None = None, chunk: int = 256,
+                 speculation: Speculation | None = None) -> None:
+        """speculation: verify drafts for each sequence (LLM.speculation, set by `llm.speculate`), or None."""
         cfg = llm.model.cfg
         self.llm, self.max_batch, self.chunk = llm, max_batch, chunk
         self.threads = torch.get_num_threads()
         self.max_len = min(max_len or cfg.context_length, cfg.context_length)
-        self.cache = ModelCache(cfg, max_batch, self.max_len, chunk, llm.model.dtype, llm.model.device)
+        self.spec = RowSpeculation(llm, speculation) if speculation is not None else None
+        extra = 0
+        if speculation is not None:
+            if not 1 <= speculation.k < chunk:
+                raise LeanLMError(f"speculate must be in [1, {chunk - 1}] (the prefill chunk bounds a verified "
+                                  "block)")
+            extra = speculation.k  # slots for the padding of a block that starts at the context's last position
+        self.cache = ModelCache(cfg, max_batch, self.max_len + extra, chunk, llm.model.dtype, llm.model.device)
         self.rows: list[Sequence | None] = [None] * max_batch
         self.waiting: deque[Sequence] = deque()
         self.jobs: deque[tuple[Callable[[], Any], Future]] = deque()  # run on the engine thread (run_job)
@@ -207,6 +221,8 @@ class Engine:
                         continue
                     seq.row, self.rows[r] = r, seq
                     self.cache.clear_row(r)
+                    if self.spec is not None:
+                        self.spec.attach(seq)
         prefilling = [s for s in self.rows if s is not None and not s.decoding]
         if prefilling:
             self._prefill_chunk(min(prefilling, key=lambda s: s.arrived))
@@ -229,21 +245,30 @@ class Engine:
 
     def _decode(self) -> None:
         hi = max(r for r, s in enumerate(self.rows) if s is not None) + 1
-        tokens = torch.zeros(hi, 1, dtype=torch.long)
-        positions = torch.zeros(hi, 1, dtype=torch.long)
-        live = []
+        live = [s for s in self.rows[:hi] if s is not None and s.decoding]
+        drafts = {s.row: self.spec.propose(s) for s in live} if self.spec is not None else {}
+        T = 1 + max((len(d) for d, _ in drafts.values()), default=0)  # tokens per row in this forward
+        tokens = torch.zeros(hi, T, dtype=torch.long)
+        positions = torch.arange(T).repeat(hi, 1)  # idle rows: 0..T-1 (the module docstring)
         for r, seq in enumerate(self.rows[:hi]):
             if seq is not None:
-                positions[r, 0] = seq.position
-                if seq.decoding:
-                    tokens[r, 0] = seq.next_token
-                    live.append(seq)
+                positions[r] += seq.position
+        for seq in live:
+            block = [seq.next_token, *drafts.get(seq.row, ((), None))[0]]
+            tokens[seq.row, :len(block)] = torch.tensor(block)
         kv_len = int(positions.max()) + 1
-        step = self.llm.decode_step(hi)
+        step = self.llm.decode_step(hi, tokens=T)
         logits = step(self.llm.model, self.cache.rows(0, hi), tokens, positions, kv_len)
+        if T == 1:
+            logits = logits[:, None]  # (hi, T, V)
         self.steps, self.last_batch = self.steps + 1, len(live)
         for seq in live:
-            self._accept(seq, logits[seq.row:seq.row + 1])
+            d, q = drafts.get(seq.row, ([], None))
+            if d:
+                assert self.spec is not None
+                self.spec.settle(seq, logits[seq.row, :len(d) + 1], d, q, self._commit)
+            else:
+                self._accept(seq, logits[seq.row, :1])
 
     # --- tokens out --------------------------------------------------------------------------
     def _accept(self, seq: Sequence, logits: torch.Tensor) -> None:
@@ -257,6 +282,12 @@ class Engine:
         if seq.constraint is not None:
             logits = seq.constraint.apply(logits)
         tid = int(sample(logits, p, seq.history[:, :n_hist], seq.generator)[0])
+        self._commit(seq, tid, raw)
+
+    def _commit(self, seq: Sequence, tid: int, raw: torch.Tensor) -> bool:
+        """Append token tid (raw: the model's logits (1, V) it was drawn from), stream it, end the sequence
+        where it ends; False once it has ended."""
+        n_hist = len(seq.prompt) + len(seq.generated)
         lp = top = None
         if seq.logprobs is not None:  # under the model's own distribution (before any sampling settings)
             logp = torch.log_softmax(raw[0].float(), -1)
@@ -265,6 +296,7 @@ class Engine:
                 v, i = logp.topk(seq.logprobs)
                 top = list(zip(i.tolist(), v.tolist()))
         seq.generated.append(tid)
+        seq.tokens.append(tid)
         if n_hist < seq.history.shape[1]:
             seq.history[0, n_hist] = tid
         seq.last_logprobs = (lp, top)
@@ -281,14 +313,16 @@ class Engine:
             return self._finish(seq, "length", text)
         seq.next_token = tid
         seq.emit(Output(text, tid, None, len(seq.prompt), len(seq.generated), lp, top))
+        return True
 
-    def _finish(self, seq: Sequence, reason: str, text: str, flush: bool = True) -> None:
+    def _finish(self, seq: Sequence, reason: str, text: str, flush: bool = True) -> bool:
         if flush and reason != "abort":
             tail = seq.stops.push(seq.detok.flush())
             text += tail if seq.stops.stopped else tail + seq.stops.flush()
-        seq.finished, seq.next_token = True, None
+        seq.finished, seq.next_token, seq.proposer = True, None, None  # (a draft model's cache goes with it)
         if seq.row >= 0:
             self.rows[seq.row] = None
         lp, top = seq.last_logprobs if reason != "abort" else (None, None)
         seq.emit(Output(text, seq.generated[-1] if seq.generated else None, reason, len(seq.prompt),
                         len(seq.generated), lp, top))
+        return False

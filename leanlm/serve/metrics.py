@@ -28,6 +28,17 @@ class Metrics:
             lambda: engine.last_batch)
         Gauge("leanlm_decode_steps", "batched decode steps run so far", registry=r).set_function(
             lambda: engine.steps)
+        if engine.spec is not None:  # speculative decoding: totals over every sequence's verified blocks
+            spec = engine.spec.stats
+            for name, doc, fn in (
+                    ("draft_tokens", "draft tokens proposed so far", lambda: spec.proposed),
+                    ("accepted_tokens", "draft tokens accepted so far", lambda: spec.accepted),
+                    ("verified_blocks", "sequence blocks verified so far (one per sequence per forward)",
+                     lambda: spec.rounds),
+                    ("acceptance_rate", "accepted / proposed draft tokens", lambda: spec.acceptance),
+                    ("tokens_per_forward", "tokens a sequence gains per verifying forward (1 = no gain)",
+                     lambda: spec.tokens_per_forward)):
+                Gauge(f"leanlm_speculative_{name}", doc, registry=r).set_function(fn)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

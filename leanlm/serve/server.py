@@ -25,9 +25,11 @@ def serve(llm: LLM, model: str, *, host: str = "127.0.0.1", port: int = 8000, ap
 
     if max_batch < 1 or ctx < 2:
         raise LeanLMError("--max-batch must be >= 1 and --ctx >= 2")
-    engine = Engine(llm, max_batch=max_batch, max_len=ctx, chunk=min(256, llm.prefill_chunk))
+    engine = Engine(llm, max_batch=max_batch, max_len=ctx, chunk=min(256, llm.prefill_chunk),
+                    speculation=llm.speculation)
     for batch in {1, min(2, max_batch)}:  # load (or, with --compile on, build) the decode steps before serving
-        llm.decode_step(batch)
+        for tokens in (1, 2) if llm.speculation is not None else (1,):  # 2: verifying drafts
+            llm.decode_step(batch, tokens=tokens)
     name = model_id(model)
     config = uvicorn.Config(create_app(llm, engine, name, api_key), host=host, port=port, log_level="warning")
     server = uvicorn.Server(config)
@@ -39,8 +41,10 @@ def serve(llm: LLM, model: str, *, host: str = "127.0.0.1", port: int = 8000, ap
             raise LeanLMError(f"could not serve on {host}:{port} (is the port in use?)")
         time.sleep(0.05)
     threading.Thread(target=_stop_when_done, args=(http, engine), daemon=True).start()
+    spec = llm.speculation
+    how = f"; speculative decoding: {spec.kind}, k={spec.k}" if spec is not None else ""
     print(f"leanlm: serving '{name}' on http://{host}:{port} (OpenAI API under /v1; batch {max_batch}, "
-          f"context {engine.max_len})", file=sys.stderr)
+          f"context {engine.max_len}{how})", file=sys.stderr)
     try:
         engine.run_forever()
     except KeyboardInterrupt:
