@@ -1,12 +1,16 @@
 """Load benchmark of `leanlm serve` beside llama-cpp-python's server on the same GGUF (not a test).
 
     python bench/serve.py [MODEL.gguf] [--clients 1,4,16] [--requests-per-client 3] [--max-tokens 64]
-                          [--compare llama.cpp] [--json OUT.json]
+                          [--compare llama.cpp] [--speculative "--lookup --speculate 4"] [--prompts edit]
+                          [--json OUT.json]
 
 Each server runs in its own subprocess with 2 threads. For each concurrency C, C client threads send
 streamed /v1/completions requests back to back (prompts from a fixed list, temperature 0); reported:
 aggregate generated tokens/s over the wall time, p50/p95 time to first token and inter-token latency
 (between streamed chunks). llama-cpp-python's server needs `pip install 'llama-cpp-python[server]'`.
+--speculative adds a leanlm server with those speculative-decoding flags, and reports its acceptance rate and
+tokens per verifying forward from /metrics. --prompts edit asks for texts to be repeated with small changes
+(what prompt lookup is for) instead of open-ended continuations.
 """
 
 from __future__ import annotations
@@ -27,6 +31,14 @@ import httpx
 PROMPTS = ["The history of the printing press begins", "Once upon a time, in a small village by the sea,",
            "Here is a simple recipe for bread:", "The three laws of motion state that",
            "A short guide to planting tomatoes:", "The most important thing about writing code is"]
+EDIT_TEXTS = ["The printing press was invented by Johannes Gutenberg around 1440 in Mainz. It made books cheaper, "
+              "spread literacy across Europe and helped start the Reformation.",
+              "def mean(xs):\n    total = 0\n    for x in xs:\n        total += x\n    return total / len(xs)\n",
+              "Tomatoes need six hours of sun a day, deep watering twice a week and a stake or cage to climb. "
+              "Plant them after the last frost, two feet apart.",
+              "Newton's first law: a body stays at rest or in uniform motion unless a force acts on it. The second: "
+              "force equals mass times acceleration. The third: every action has an equal and opposite reaction."]
+EDIT_PROMPTS = [f"Original text:\n{t}\n\nThe same text, copied exactly:\n" for t in EDIT_TEXTS]
 
 
 def free_port() -> int:
@@ -35,11 +47,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(engine: str, model: str, port: int, max_batch: int, ctx: int) -> subprocess.Popen:
+def start(engine: str, model: str, port: int, max_batch: int, ctx: int, extra: list[str]) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
-    if engine == "leanlm":
+    if engine.startswith("leanlm"):
         cmd = [sys.executable, "-m", "leanlm", "serve", model, "--port", str(port), "--threads", "2",
-               "--max-batch", str(max_batch), "--ctx", str(ctx), "--compile", "auto"]
+               "--max-batch", str(max_batch), "--ctx", str(ctx), "--compile", "auto", *extra]
     else:  # one slot per client, as many as leanlm's batch rows; ctx per slot equal to leanlm's
         cmd = [sys.executable, "-m", "llama_cpp.server", "--model", model, "--port", str(port), "--n_threads", "2",
                "--n_ctx", str(ctx * max_batch), "--model_alias", "model"]
@@ -71,7 +83,7 @@ def one_request(base: str, model: str, prompt: str, max_tokens: int) -> tuple[fl
     return stamps[0] - t0, [b - a for a, b in zip(stamps, stamps[1:])], len(stamps)
 
 
-def load(base: str, model: str, clients: int, per_client: int, max_tokens: int) -> dict:
+def load(base: str, model: str, clients: int, per_client: int, max_tokens: int, prompts: list[str]) -> dict:
     ttft, itl, tokens = [], [], []
     lock = threading.Lock()
 
@@ -80,7 +92,7 @@ def load(base: str, model: str, clients: int, per_client: int, max_tokens: int) 
     def worker(c: int) -> None:
         for j in range(per_client):
             try:
-                t, gaps, n = one_request(base, model, PROMPTS[(c + j) % len(PROMPTS)], max_tokens)
+                t, gaps, n = one_request(base, model, prompts[(c + j) % len(prompts)], max_tokens)
             except httpx.HTTPError:  # counted, not fatal: some servers drop streams under load
                 with lock:
                     errors[0] += 1
@@ -106,6 +118,13 @@ def load(base: str, model: str, clients: int, per_client: int, max_tokens: int) 
             "itl_p50_ms": pct(itl, 50) * 1e3, "itl_p95_ms": pct(itl, 95) * 1e3}
 
 
+def speculation_metrics(base: str) -> dict:
+    """The server's leanlm_speculative_* gauges (totals over the whole run, warm-up included)."""
+    text = httpx.get(base + "/metrics").text
+    return {line.split()[0].removeprefix("leanlm_speculative_"): float(line.split()[1])
+            for line in text.splitlines() if line.startswith("leanlm_speculative_")}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", nargs="?", default=str(Path.home() / ".cache/leanlm/models/smollm2-135m.gguf"))
@@ -115,27 +134,41 @@ def main() -> None:
     p.add_argument("--max-batch", type=int, default=16)
     p.add_argument("--ctx", type=int, default=512)
     p.add_argument("--compare", default=None, metavar="llama.cpp")
+    p.add_argument("--speculative", default=None, metavar="FLAGS",
+                   help='also run leanlm with these flags, e.g. "--lookup --speculate 4"')
+    p.add_argument("--prompts", choices=["open", "edit"], default="open")
     p.add_argument("--json", default=None)
     a = p.parse_args()
-    engines = ["leanlm"] + (["llama.cpp"] if a.compare else [])
-    out = {"model": a.model, "max_tokens": a.max_tokens, "runs": {}}
-    for engine in engines:
+    prompts = PROMPTS if a.prompts == "open" else EDIT_PROMPTS
+    engines = {"leanlm": []}
+    if a.speculative:
+        engines["leanlm " + a.speculative] = a.speculative.split()
+    if a.compare:
+        engines["llama.cpp"] = []
+    out = {"model": a.model, "max_tokens": a.max_tokens, "prompts": a.prompts, "runs": {}, "speculation": {}}
+    for engine, extra in engines.items():
         port = free_port()
-        proc = start(engine, a.model, port, a.max_batch, a.ctx)
+        proc = start(engine, a.model, port, a.max_batch, a.ctx, extra)
         base, name = f"http://127.0.0.1:{port}", httpx.get(f"http://127.0.0.1:{port}/v1/models").json()["data"][0]["id"]
         try:
-            one_request(base, name, PROMPTS[0], 4)  # warm-up
-            out["runs"][engine] = [load(base, name, int(c), a.requests_per_client, a.max_tokens)
+            one_request(base, name, prompts[0], 4)  # warm-up
+            out["runs"][engine] = [load(base, name, int(c), a.requests_per_client, a.max_tokens, prompts)
                                    for c in a.clients.split(",")]
+            if extra:
+                out["speculation"][engine] = speculation_metrics(base)
         finally:
             proc.terminate()
             proc.wait()
-    print(f"{'engine':10} {'clients':>7} {'tok/s':>8} {'TTFT p50':>9} {'TTFT p95':>9} {'ITL p50':>8} "
+    w = max(10, *map(len, out["runs"]))
+    print(f"{'engine':{w}} {'clients':>7} {'tok/s':>8} {'TTFT p50':>9} {'TTFT p95':>9} {'ITL p50':>8} "
           f"{'ITL p95':>8} {'errors':>7}")
     for engine, rows in out["runs"].items():
         for r in rows:
-            print(f"{engine:10} {r['clients']:>7} {r['tokens_per_s']:>8.1f} {r['ttft_p50_s']:>8.2f}s "
+            print(f"{engine:{w}} {r['clients']:>7} {r['tokens_per_s']:>8.1f} {r['ttft_p50_s']:>8.2f}s "
                   f"{r['ttft_p95_s']:>8.2f}s {r['itl_p50_ms']:>6.1f}ms {r['itl_p95_ms']:>6.1f}ms {r['errors']:>7}")
+    for engine, m in out["speculation"].items():
+        print(f"{engine}: {m['acceptance_rate']:.0%} of {m['draft_tokens']:.0f} drafts accepted, "
+              f"{m['tokens_per_forward']:.2f} tokens per verifying forward")
     if a.json:
         Path(a.json).write_text(json.dumps(out, indent=1))
 

@@ -5,6 +5,10 @@ on; the library is cached under ~/.cache/leanlm/kernels, keyed by the source, th
 kernels are exposed as torch custom ops (`torch.ops.leanlm.*`), so compiled decode steps call them too.
 Where no compiler is found, or off CPU, the ops fall back to PyTorch's own kernels.
 
+Kernels called many times per token are torch operators written in C++ instead (`ops_library`:
+`torch.ops.leanlm_native.*`, kernels/*.cpp against torch's own headers, ~10 s to build once): a compiled
+decode step calls those from its C++ wrapper without entering Python.
+
 OpenMP: the library asks for libgomp.so.1, which resolves to the copy torch has already loaded, so both
 share one thread pool (two pools would spin against each other on a small machine).
 """
@@ -68,6 +72,48 @@ def library() -> ctypes.CDLL | None:
     lib.int8_matvec_vnni.restype = None
     lib.int8_vnni_available.restype = ctypes.c_int
     return lib
+
+
+@functools.cache
+def ops_library() -> bool:
+    """Build (once, cached like `library`) and load kernels/*.cpp as torch operators; False where that
+    cannot be done (no C++ compiler, no AVX-512 VNNI: the file then defines no operator)."""
+    if os.environ.get("LEANLM_NATIVE", "1") == "0":
+        return False
+    cxx = shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")
+    if cxx is None:
+        return False
+    torch_dir = Path(torch.__file__).parent
+    flags = ["-O3", "-march=native", "-std=c++17", "-w", "-fopenmp", "-shared", "-fPIC",
+             f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+             f"-I{torch_dir / 'include'}", f"-L{torch_dir / 'lib'}"]
+    sources = sorted(KERNELS.glob("*.cpp"))
+    h = hashlib.sha256(" ".join([cxx, *flags, _cpu_id(), torch.__version__]).encode())
+    for src in sources:
+        h.update(src.read_bytes())
+    root = Path(os.environ.get("LEANLM_CACHE") or Path.home() / ".cache" / "leanlm") / "kernels"
+    so = root / f"leanlm-ops-{h.hexdigest()[:16]}.so"
+    if not so.exists():
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = so.with_suffix(f".tmp{os.getpid()}")
+        cmd = [cxx, *flags, "-o", str(tmp), *map(str, sources), "-ltorch_cpu", "-lc10"]
+        if subprocess.run(cmd, capture_output=True, text=True).returncode != 0:
+            return False
+        tmp.replace(so)
+    torch.ops.load_library(str(so))
+    if not hasattr(torch.ops.leanlm_native, "int4_mm"):
+        return False
+    # shapes for torch.compile's tracing
+    torch.library.register_fake("leanlm_native::int4_mm")(
+        lambda x, w, scales, mins: x.new_empty(x.shape[0], w.shape[0], dtype=torch.float32))
+    torch.library.register_fake("leanlm_native::int4_dense")(
+        lambda w, scales, mins, planes: w.new_empty(w.shape[0], w.shape[1] * 2 // planes, dtype=torch.bfloat16))
+    return True
+
+
+def int4_vnni() -> bool:
+    """Do 4-bit weights run on our VNNI kernel (kernels/int4_vnni.cpp)? LEANLM_VNNI=0 keeps PyTorch's."""
+    return os.environ.get("LEANLM_VNNI", "1") != "0" and ops_library()
 
 
 def vnni_head() -> bool:

@@ -76,3 +76,61 @@ def test_loading_the_kernels_keeps_subnormal_floats() -> None:
     native.library()
     tiny = np.array([1e-310])  # a subnormal double
     assert (tiny * 1.0)[0] != 0 and (tiny / 2)[0] != 0
+
+
+# --- 4-bit weights on VNNI (kernels/int4_vnni.cpp) --------------------------------------------------------------
+needs_vnni = pytest.mark.skipif(not native.int4_vnni(), reason="no AVX-512 VNNI here (PyTorch's int4 kernel runs)")
+
+
+def test_int4_vnni_is_used_where_the_cpu_has_it() -> None:
+    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+    assert native.int4_vnni() == (" avx512_vnni" in flags and " avx512bw" in flags)
+
+
+def _vnni_linear(n: int, k: int, planes: int, seed: int):  # noqa: ANN202
+    from leanlm.quant.int4 import Int4Linear, Int4Parts
+
+    gen = torch.Generator().manual_seed(seed)
+    kp = k * planes
+    scale = (torch.rand(n, kp // 32, generator=gen) / 10 + 1e-3).half().float()
+    mins = (torch.randn(n, kp // 32, generator=gen) / 10).half().float()
+    parts = Int4Parts(torch.randint(0, 16, (n, kp), generator=gen), scale, mins + 8 * scale, 32, (1.0,) * planes)
+    lin = Int4Linear(parts)
+    assert lin.planes == planes  # our layout
+    # the weight the kernel holds: q * s + b with fp16 s and b = zero - 8 s (exact here), planes summed
+    w = (parts.q.float().view(n, -1, 32) * scale[..., None] + mins[..., None]).view(n, k // 32, planes, 32)
+    return lin, w.sum(2).reshape(n, k)
+
+
+# k: whole blocks of 16 groups, blocks plus a tail of 2 or 4 groups, a tail only; m: the 4-row tiles' tails
+@needs_vnni
+@pytest.mark.parametrize(("n", "k", "planes"), [(48, 512, 1), (40, 576, 1), (24, 640, 1), (16, 64, 1), (32, 576, 2)])
+@pytest.mark.parametrize("m", [1, 3, 4, 7])
+def test_int4_vnni_is_exact_integer_math(n: int, k: int, planes: int, m: int) -> None:
+    """x quantised to int8 per group of 32 (x' = round(x * 127 / amax) * amax / 127), then x' W^T exactly."""
+    lin, w = _vnni_linear(n, k, planes, n + k + m)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
+    xg = x.view(m, -1, 32)
+    amax = xg.abs().amax(-1, keepdim=True)
+    xq = (torch.round(xg * (127 / amax)) * (amax / 127)).view(m, k)
+    got = lin(x)
+    ref = xq.double() @ w.double().T
+    terms = xq.double().abs() @ w.double().abs().T
+    assert got.shape == (m, n) and ((got.double() - ref).abs() / terms).max().item() < 1e-5
+
+
+@needs_vnni
+def test_int4_vnni_dense_and_fused_modules() -> None:
+    """Prefill's dense bf16 weight is the held weight rounded once; fused modules compute their parts side by
+    side."""
+    from leanlm.quant.int4 import DENSE_ROWS, Int4Linear
+
+    a, wa = _vnni_linear(64, 576, 2, 1)
+    b, wb = _vnni_linear(32, 576, 2, 2)
+    assert torch.equal(a.dense_bf16(), wa.to(torch.bfloat16))
+    both = Int4Linear.cat([a, b])
+    x = torch.randn(DENSE_ROWS + 1, 576)
+    for rows in (x[:5], x):  # the int4 kernel, and prefill's dense path
+        assert torch.equal(both(rows), torch.cat([a(rows), b(rows)], -1))
+    ref = x.bfloat16().double() @ torch.cat([wa, wb]).bfloat16().double().T
+    assert ((both(x).double() - ref).abs().max() / ref.abs().max()).item() < 1e-2

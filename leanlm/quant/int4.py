@@ -1,4 +1,4 @@
-"""4-bit weights kept quantized in memory, multiplied by PyTorch's CPU int4 kernel.
+"""4-bit weights kept quantized in memory, multiplied by our VNNI kernel or PyTorch's CPU int4 kernel.
 
 GGUF's 4-bit formats are all "q * scale + offset per group of 32" once decoded, which is what
 `aten._weight_int4pack_mm_for_cpu` computes: y = x @ ((q - 8) * scale + zero)^T, scale and zero in
@@ -12,6 +12,11 @@ The kernel wants bf16 activations (with fp32 it is 14-70x slower), so inputs are
 Only scale/zero rounding to bf16 differs from exact dequantization. Formats of more than 4 bits,
 and those with 16-weight sub-blocks, become two 4-bit planes over an expanded input (`Int4Parts`,
 repack.py does every GGUF type).
+
+On CPUs with AVX-512 VNNI the weights are kept in our own layout instead (`vnni_pack`) and multiplied by
+kernels/int4_vnni.cpp: w = q * s + b with fp16 s and b, activations quantised to int8 per group of 32 as
+llama.cpp does; 2-2.5x PyTorch's kernel for 1-8 rows (bench/NOTES.md). Layouts with 16-input planes
+stay on PyTorch's kernel.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import torch.nn.functional as F
 from gguf import GGMLQuantizationType
 from torch import nn
 
+from .. import native
 from ..native import int4_dense
 from .dequant import _k4_scales as _k4_scales  # re-exported: moved to dequant.py
 
@@ -60,19 +66,46 @@ class Int4Parts:
         return w.sum(2).view(N, -1)
 
 
+def vnni_pack(q: torch.Tensor) -> torch.Tensor:
+    """Codes (N, K) in 0..15, K % 64 == 0 -> (N, K / 2) uint8 in kernels/int4_vnni.cpp's layout: blocks of
+    16 groups of 32 interleaved 4 codes at a time (vector i, lane l = codes 4i..4i+3 of group l), vectors
+    2t and 2t + 1 in the low and high nibbles of 64 bytes; then the groups after the last whole block as
+    chunks of two groups, the second in the high nibbles."""
+    N, K = q.shape
+    q = q.to(torch.uint8)
+    full = K // GROUP // 16 * 16
+    blk = q[:, :full * GROUP].reshape(N, -1, 16, 8, 4).transpose(2, 3).reshape(N, -1, 4, 2, 64)  # (N, b, t, lo/hi, 64)
+    tail = q[:, full * GROUP:].reshape(N, -1, 2, 32)
+    return torch.cat([(blk[:, :, :, 0] | blk[:, :, :, 1] << 4).reshape(N, -1),
+                      (tail[:, :, 0] | tail[:, :, 1] << 4).reshape(N, -1)], 1).contiguous()
+
+
+def _vnni_fits(parts: Int4Parts) -> bool:
+    return (parts.q.device.type == "cpu" and parts.q.shape[1] % 64 == 0 and parts.g == GROUP
+            and all(m == 1.0 for m in parts.mults) and native.int4_vnni())
+
+
 class Int4Linear(nn.Module):
-    """y = x W^T (+ b) with W stored as int4 codes packed for the CPU kernel, scales/zeros per 32."""
+    """y = x W^T (+ b) with W stored as int4 codes, scales per group of 32: in our VNNI layout (buffers w4,
+    scales, mins) where the CPU has it, else packed for PyTorch's kernel (packed, scales_zeros)."""
 
     def __init__(self, parts: Int4Parts, bias: torch.Tensor | None = None):
         super().__init__()
         self.out_features, k_expanded = parts.q.shape
         self.in_features = k_expanded // len(parts.mults)
         self.g = parts.g
+        self.register_buffer("bias", bias.to(torch.bfloat16) if bias is not None else None)
+        if _vnni_fits(parts):
+            self.planes = len(parts.mults)  # the input is repeated per group, once per plane
+            self.register_buffer("w4", vnni_pack(parts.q))
+            self.register_buffer("scales", parts.scale.to(torch.float16).contiguous())
+            self.register_buffer("mins", (parts.zero.float() - 8 * parts.scale.float()).to(torch.float16).contiguous())
+            return
+        self.planes = 0  # PyTorch's layout
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(parts.q.int().contiguous(), 1)
         self.register_buffer("packed", packed)
         sz = torch.stack([parts.scale.float(), parts.zero.float()], dim=-1).transpose(0, 1)  # (K'/32, N, 2)
         self.register_buffer("scales_zeros", sz.contiguous().to(torch.bfloat16))
-        self.register_buffer("bias", bias.to(torch.bfloat16) if bias is not None else None)
         mults = None if parts.mults == (1.0,) else torch.tensor(parts.mults, dtype=torch.bfloat16).view(1, 1, -1, 1)
         self.register_buffer("mults", mults, persistent=False)
 
@@ -82,15 +115,27 @@ class Int4Linear(nn.Module):
         layouts differ. The kernel packs rows in tiles of 64, so packed rows concatenate when each
         module's rows are a multiple of 64."""
         first = mods[0]
+        if first.planes:  # our layout: rows are independent
+            if any(m.planes != first.planes or m.in_features != first.in_features
+                   or (m.bias is None) != (first.bias is None) for m in mods):
+                return None
+            new = Int4Linear.__new__(Int4Linear)
+            nn.Module.__init__(new)
+            new.in_features, new.g, new.planes = first.in_features, first.g, first.planes
+            new.out_features = sum(m.out_features for m in mods)
+            for name in ("w4", "scales", "mins", "bias"):
+                parts = [getattr(m, name) for m in mods]
+                new.register_buffer(name, None if parts[0] is None else torch.cat(parts))
+            return new
         same = all(m.in_features == first.in_features and m.g == first.g and m.out_features % 64 == 0
-                   and (m.bias is None) == (first.bias is None)
+                   and not m.planes and (m.bias is None) == (first.bias is None)
                    and (m.mults is None if first.mults is None else m.mults is not None and
                         torch.equal(m.mults, first.mults)) for m in mods)
         if not same:
             return None
         new = Int4Linear.__new__(Int4Linear)
         nn.Module.__init__(new)
-        new.in_features, new.g = first.in_features, first.g
+        new.in_features, new.g, new.planes = first.in_features, first.g, 0
         new.out_features = sum(m.out_features for m in mods)
         new.register_buffer("packed", torch.cat([m.packed for m in mods]))
         new.register_buffer("scales_zeros", torch.cat([m.scales_zeros for m in mods], dim=1))
@@ -99,6 +144,8 @@ class Int4Linear(nn.Module):
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.planes:
+            return self._forward_vnni(x)
         xb = x.reshape(-1, self.in_features).to(torch.bfloat16)  # (M, K)
         if xb.shape[0] >= DENSE_ROWS and (w := self.dense_bf16()) is not None:  # prefill: bf16 matmul
             y = F.linear(xb, w, self.bias)
@@ -110,8 +157,23 @@ class Int4Linear(nn.Module):
             y = y + self.bias
         return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
 
+    def _forward_vnni(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.reshape(-1, self.in_features)  # (M, K)
+        M = xf.shape[0]
+        if M >= DENSE_ROWS:  # prefill: bf16 matmul on a temporary dense weight
+            y = F.linear(xf.to(torch.bfloat16), self.dense_bf16(), self.bias)
+            return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
+        if self.planes > 1:  # (M, K/32, P, 32): each group of inputs once per plane
+            xf = xf.view(M, -1, 1, GROUP).expand(M, -1, self.planes, GROUP).reshape(M, -1)
+        y = torch.ops.leanlm_native.int4_mm(xf, self.w4, self.scales, self.mins)  # (M, N) fp32
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
+
     def dense_bf16(self) -> torch.Tensor | None:
-        """A temporary dense bf16 copy of the weight (N, K), from our C kernel (None without it)."""
+        """A temporary dense bf16 copy of the weight (N, K), from our C kernels (None without them)."""
+        if self.planes:
+            return torch.ops.leanlm_native.int4_dense(self.w4, self.scales, self.mins, self.planes)
         return int4_dense(self.packed, self.scales_zeros, self.mults, self.g, self.out_features, self.packed_k)
 
     @property
@@ -119,5 +181,8 @@ class Int4Linear(nn.Module):
         return self.scales_zeros.shape[0] * GROUP
 
     def extra_repr(self) -> str:
+        if self.planes:
+            return (f"in_features={self.in_features}, out_features={self.out_features}, group={GROUP}, "
+                    f"layout=vnni, planes={self.planes}")
         planes = "" if self.mults is None else f", planes={self.mults.numel()}x{self.g}"
         return f"in_features={self.in_features}, out_features={self.out_features}, group={GROUP}{planes}"
