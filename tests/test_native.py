@@ -106,17 +106,21 @@ def _vnni_linear(n: int, k: int, planes: int, seed: int):  # noqa: ANN202
 @needs_vnni
 @pytest.mark.parametrize(("n", "k", "planes"), [(48, 512, 1), (40, 576, 1), (24, 640, 1), (16, 64, 1), (32, 576, 2)])
 @pytest.mark.parametrize("m", [1, 3, 4, 7])
-def test_int4_vnni_is_exact_integer_math(n: int, k: int, planes: int, m: int) -> None:
-    """x quantised to int8 per group of 32 (x' = round(x * 127 / amax) * amax / 127), then x' W^T exactly."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int4_vnni_is_exact_integer_math(n: int, k: int, planes: int, m: int, dtype: torch.dtype) -> None:
+    """x quantised to int8 per group of 32 (x' = round(x * 127 / amax) * amax / 127), then x' W^T exactly;
+    bf16 activations are read as they are (no copy)."""
     lin, w = _vnni_linear(n, k, planes, n + k + m)
-    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
-    xg = x.view(m, -1, 32)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(dtype)
+    xg = x.float().view(m, -1, 32)
     amax = xg.abs().amax(-1, keepdim=True)
-    xq = (torch.round(xg * (127 / amax)) * (amax / 127)).view(m, k)
-    got = lin(x)
+    inv = torch.full_like(amax, 127) / amax  # IEEE division, as the kernel does (127 / amax is 127 * 1 / amax)
+    xq = (torch.round(xg * inv) * (amax / 127)).view(m, k)
+    got = lin(x).float()
     ref = xq.double() @ w.double().T
     terms = xq.double().abs() @ w.double().abs().T
-    assert got.shape == (m, n) and ((got.double() - ref).abs() / terms).max().item() < 1e-5
+    out_rounding = 2**-8 * ref.abs() if dtype == torch.bfloat16 else 0  # the output is cast back to x's dtype
+    assert got.shape == (m, n) and ((got.double() - ref).abs() - out_rounding <= 1e-5 * terms).all()
 
 
 @needs_vnni

@@ -42,11 +42,19 @@ inline __m512 f16x16(const uint16_t *p, __mmask16 m) {  // 16 fp16 (masked) -> f
     return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p));
 }
 
-// x (M, K) fp32 -> xq (M, K) int8 in the interleaved order (see top), dx and sx = dx * sum xq (M, Gp) per
-// group, Gp = groups rounded up to 16 (zero padded).
-void quantize(const float *x, int64_t M, int64_t K, int64_t Gp, int8_t *xq, float *dx, float *sx) {
+inline __m512 load16(const float *p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const at::BFloat16 *p) {  // bf16 -> fp32: the high half of each float
+    __m256i h = _mm256_loadu_si256((const __m256i *)p);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+// x (M, K) fp32 or bf16 -> xq (M, K) int8 in the interleaved order (see top), dx and sx = dx * sum xq (M, Gp)
+// per group, Gp = groups rounded up to 16 (zero padded).
+template <typename T>
+void quantize(const T *x, int64_t M, int64_t K, int64_t Gp, int8_t *xq, float *dx, float *sx) {
     const int64_t G = K / 32, full = G / 16 * 16;
-    std::vector<int8_t> nat(K);
+    thread_local std::vector<int8_t> nat;
+    nat.resize(K);
     for (int64_t m = 0; m < M; m++) {
         for (int64_t g = 0; g < Gp; g++) {
             float *d = dx + m * Gp + g, *s = sx + m * Gp + g;
@@ -54,8 +62,8 @@ void quantize(const float *x, int64_t M, int64_t K, int64_t Gp, int8_t *xq, floa
                 *d = *s = 0.0f;
                 continue;
             }
-            const float *xr = x + m * K + g * 32;
-            __m512 a = _mm512_loadu_ps(xr), b = _mm512_loadu_ps(xr + 16);
+            const T *xr = x + m * K + g * 32;
+            __m512 a = load16(xr), b = load16(xr + 16);
             float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
             *d = amax / 127.0f;
             const float inv = amax > 0 ? 127.0f / amax : 0.0f;
@@ -178,18 +186,26 @@ void unpack_row(const uint8_t *wr, int64_t K, int64_t full, uint8_t *out) {
 at::Tensor int4_mm(const at::Tensor &x, const at::Tensor &w, const at::Tensor &scales, const at::Tensor &mins) {
     const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
     TORCH_CHECK(K % 64 == 0 && w.size(1) * 2 == K && scales.size(1) * 32 == K, "int4_mm: bad shapes");
-    at::Tensor xf = x.to(at::kFloat).contiguous();
     const int64_t Gp = (K / 32 + 15) / 16 * 16;
-    std::vector<int8_t> xq(M * K);
-    std::vector<float> dx(M * Gp), sx(M * Gp);
-    quantize(xf.data_ptr<float>(), M, K, Gp, xq.data(), dx.data(), sx.data());
+    thread_local std::vector<int8_t> xq;  // scratch kept between calls (no allocation per call)
+    thread_local std::vector<float> dx, sx;
+    xq.resize(M * K), dx.resize(M * Gp), sx.resize(M * Gp);
+    if (x.scalar_type() == at::kBFloat16 && x.is_contiguous()) {
+        quantize(x.const_data_ptr<at::BFloat16>(), M, K, Gp, xq.data(), dx.data(), sx.data());
+    } else {
+        at::Tensor xf = x.to(at::kFloat).contiguous();
+        quantize(xf.const_data_ptr<float>(), M, K, Gp, xq.data(), dx.data(), sx.data());
+    }
     at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
     const uint8_t *wp = w.data_ptr<uint8_t>();
     const auto *sp = reinterpret_cast<const uint16_t *>(scales.data_ptr());
     const auto *mp = reinterpret_cast<const uint16_t *>(mins.data_ptr());
     float *yp = y.data_ptr<float>();
+    // pointers, not the thread_local names: inside the lambda those would name each worker's own (empty) copy
+    const int8_t *xqp = xq.data();
+    const float *dxp = dx.data(), *sxp = sx.data();
     at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-        rows(xq.data(), dx.data(), sx.data(), wp, sp, mp, yp, M, N, K, Gp, n0, n1);
+        rows(xqp, dxp, sxp, wp, sp, mp, yp, M, N, K, Gp, n0, n1);
     });
     return y;
 }
