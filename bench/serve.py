@@ -28,6 +28,8 @@ from pathlib import Path
 
 import httpx
 
+from leanlm.hub import resolve_model
+
 PROMPTS = ["The history of the printing press begins", "Once upon a time, in a small village by the sea,",
            "Here is a simple recipe for bread:", "The three laws of motion state that",
            "A short guide to planting tomatoes:", "The most important thing about writing code is"]
@@ -127,7 +129,7 @@ def speculation_metrics(base: str) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", nargs="?", default=str(Path.home() / ".cache/leanlm/models/smollm2-135m.gguf"))
+    p.add_argument("model", nargs="?", default="smollm2-135m", help="registry name or .gguf file")
     p.add_argument("--clients", default="1,4,16")
     p.add_argument("--requests-per-client", type=int, default=3)
     p.add_argument("--max-tokens", type=int, default=64)
@@ -139,6 +141,7 @@ def main() -> None:
     p.add_argument("--prompts", choices=["open", "edit"], default="open")
     p.add_argument("--json", default=None)
     a = p.parse_args()
+    a.model = str(resolve_model(a.model, progress=True))  # llama.cpp needs the file itself
     prompts = PROMPTS if a.prompts == "open" else EDIT_PROMPTS
     engines = {"leanlm": []}
     if a.speculative:

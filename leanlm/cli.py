@@ -187,7 +187,8 @@ def cmd_serve(a: argparse.Namespace) -> None:
 
     llm = _load(a)
     _speculate(llm, a)
-    serve(llm, a.model, host=a.host, port=a.port, api_key=a.api_key, max_batch=a.max_batch, ctx=a.ctx)
+    serve(llm, a.model, host=a.host, port=a.port, api_key=a.api_key, max_batch=a.max_batch, ctx=a.ctx,
+          speculate_max_batch=a.speculate_max_batch or None)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -253,6 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (default 8)")
     s.add_argument("--ctx", type=int, default=2048, help="context per sequence in tokens (default 2048)")
     _add_speculation(s)
+    s.add_argument("--speculate-max-batch", type=int, default=2, metavar="N",
+                   help="draft only while at most N sequences decode (default 2; 0 = always)")
     s.set_defaults(fn=cmd_serve)
     return p
 

@@ -104,6 +104,21 @@ def test_engine_greedy_speculation_equals_plain_greedy(proposer: str) -> None:
         assert stats.acceptance == 1.0 and stats.tokens_per_forward > 3
 
 
+def test_engine_drafts_only_while_the_batch_is_small() -> None:
+    """speculate_max_batch: with more sequences decoding, plain batched steps (output unchanged)."""
+    target = tiny_llm()
+    params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in (30, 12, 40)]
+    rounds = {}
+    for limit in (None, 1):
+        engine = Engine(target, max_batch=3, max_len=100, chunk=6, speculation=Speculation(4, target, "draft"),
+                        speculate_max_batch=limit)
+        got = run(engine, PROMPTS[:3], params)
+        assert got == [list(generate_ids(target.model, p, lambda lg, h: lg.argmax(-1), sp.max_tokens, chunk=6))
+                       for p, sp in zip(PROMPTS[:3], params)]
+        rounds[limit] = engine.spec.stats.rounds
+    assert 0 < rounds[1] < rounds[None]  # drafts once the others have finished, not while three decode
+
+
 def test_engine_speculative_sampling_keeps_the_target_distribution() -> None:
     """Second and third tokens of 4000 sampled sequences (two drafts from a model with another distribution,
     verified in one block) against the exact marginals of the target."""

@@ -102,13 +102,14 @@ class Sequence:
 
 class Engine:
     def __init__(self, llm: LLM, max_batch: int = 8, max_len: int | None = None, chunk: int = 256,
-                 speculation: Speculation | None = None) -> None:
-        """speculation: verify drafts for each sequence (LLM.speculation, set by `llm.speculate`), or None."""
+                 speculation: Speculation | None = None, speculate_max_batch: int | None = None) -> None:
+        """speculation: verify drafts for each sequence (LLM.speculation, set by `llm.speculate`), or None;
+        speculate_max_batch: draft only while at most this many sequences decode (None: always)."""
         cfg = llm.model.cfg
         self.llm, self.max_batch, self.chunk = llm, max_batch, chunk
         self.threads = torch.get_num_threads()
         self.max_len = min(max_len or cfg.context_length, cfg.context_length)
-        self.spec = RowSpeculation(llm, speculation) if speculation is not None else None
+        self.spec = RowSpeculation(llm, speculation, speculate_max_batch) if speculation is not None else None
         extra = 0
         if speculation is not None:
             if not 1 <= speculation.k < chunk:
@@ -246,7 +247,7 @@ class Engine:
     def _decode(self) -> None:
         hi = max(r for r, s in enumerate(self.rows) if s is not None) + 1
         live = [s for s in self.rows[:hi] if s is not None and s.decoding]
-        drafts = {s.row: self.spec.propose(s) for s in live} if self.spec is not None else {}
+        drafts = self.spec.drafts(live) if self.spec is not None else {}
         T = 1 + max((len(d) for d, _ in drafts.values()), default=0)  # tokens per row in this forward
         tokens = torch.zeros(hi, T, dtype=torch.long)
         positions = torch.arange(T).repeat(hi, 1)  # idle rows: 0..T-1 (the module docstring)

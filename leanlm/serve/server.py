@@ -20,13 +20,13 @@ def model_id(name: str) -> str:
 
 
 def serve(llm: LLM, model: str, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          max_batch: int = 8, ctx: int = 2048) -> None:
+          max_batch: int = 8, ctx: int = 2048, speculate_max_batch: int | None = 2) -> None:
     import uvicorn
 
     if max_batch < 1 or ctx < 2:
         raise LeanLMError("--max-batch must be >= 1 and --ctx >= 2")
     engine = Engine(llm, max_batch=max_batch, max_len=ctx, chunk=min(256, llm.prefill_chunk),
-                    speculation=llm.speculation)
+                    speculation=llm.speculation, speculate_max_batch=speculate_max_batch)
     for batch in {1, min(2, max_batch)}:  # load (or, with --compile on, build) the decode steps before serving
         for tokens in (1, 2) if llm.speculation is not None else (1,):  # 2: verifying drafts
             llm.decode_step(batch, tokens=tokens)
@@ -42,7 +42,7 @@ def serve(llm: LLM, model: str, *, host: str = "127.0.0.1", port: int = 8000, ap
         time.sleep(0.05)
     threading.Thread(target=_stop_when_done, args=(http, engine), daemon=True).start()
     spec = llm.speculation
-    how = f"; speculative decoding: {spec.kind}, k={spec.k}" if spec is not None else ""
+    how = f"; speculative decoding: {spec.kind}, k={spec.k}, up to {speculate_max_batch} sequences" if spec else ""
     print(f"leanlm: serving '{name}' on http://{host}:{port} (OpenAI API under /v1; batch {max_batch}, "
           f"context {engine.max_len}{how})", file=sys.stderr)
     try:

@@ -19,6 +19,9 @@ so that padding past the context's last position has somewhere to go.
 
 Sequences whose sampling the accept/reject rule does not model (a structured-output constraint, presence
 or frequency penalties) take part with no drafts: one token per forward, sampled as without speculation.
+With more than `max_batch` sequences decoding, nobody drafts (vLLM's speculative_disable_by_batch_size):
+a verify forward costs about its rows, so once the batch itself fills the kernels speculation stops paying
+(bench/NOTES.md: on 2 CPU cores it gains with 1 sequence, breaks even at 2, loses at 4).
 """
 
 from __future__ import annotations
@@ -36,8 +39,9 @@ Commit = Callable[[object, int, torch.Tensor], bool]  # (sequence, token, its lo
 class RowSpeculation:
     """The engine's speculative decoding: proposers per sequence, and acceptance totals for /metrics."""
 
-    def __init__(self, llm: LLM, speculation: Speculation) -> None:
+    def __init__(self, llm: LLM, speculation: Speculation, max_batch: int | None = None) -> None:
         self.llm, self.speculation, self.k = llm, speculation, speculation.k
+        self.max_batch = max_batch  # draft only while at most this many sequences decode (None: always)
         self.stats = SpecStats()  # summed over sequences: a round is one sequence's block in one forward
 
     def attach(self, seq) -> None:  # noqa: ANN001 (engine.Sequence: imported the other way round)
@@ -45,6 +49,12 @@ class RowSpeculation:
         p = seq.params
         if seq.constraint is None and not p.presence_penalty and not p.frequency_penalty:
             seq.proposer = self.speculation.proposer(self.llm, len(seq.prompt), p)
+
+    def drafts(self, live: list) -> dict[int, tuple[list[int], torch.Tensor | None]]:
+        """Drafts per batch row for the decoding sequences `live` (none when the batch is too large)."""
+        if self.max_batch is not None and len(live) > self.max_batch:
+            return {}
+        return {seq.row: self.propose(seq) for seq in live}
 
     def propose(self, seq) -> tuple[list[int], torch.Tensor | None]:  # noqa: ANN001
         """Drafts for a decoding sequence: never more than the tokens it may still generate after the next."""
