@@ -106,8 +106,10 @@ def compile_step(model: Transformer, batch: int, path: Path, tokens: int = 1) ->
 
     fn = torch.compile(verify_step if tokens > 1 else decode_step, dynamic=True, fullgraph=True)
     # no duck shaping: two sizes that happen to be equal in the example (a 64-slot buffer and a head dim
-    # of 64) must not be assumed equal forever
-    with _inductor_dir(), inductor_config.patch(cpp_wrapper=True), \
+    # of 64) must not be assumed equal forever. emulate_precision_casts: round wherever the model casts to
+    # bf16, as eager does; otherwise fused loops keep some values in fp32, and differently in the decode and
+    # the verify graphs, so a verified block would not score exactly like single steps (bench/NOTES.md)
+    with _inductor_dir(), inductor_config.patch(cpp_wrapper=True, emulate_precision_casts=True), \
             torch._dynamo.config.patch(specialize_float=True), \
             shape_config.patch(use_duck_shape=False), torch.inference_mode():
         compiled = fn.aot_compile((_example(model, batch, tokens), {}))

@@ -105,7 +105,7 @@ def ops_library() -> bool:
         return False
     # shapes for torch.compile's tracing
     torch.library.register_fake("leanlm_native::int4_mm")(
-        lambda x, w, scales, mins: x.new_empty(x.shape[0], w.shape[0], dtype=torch.float32))
+        lambda x, w, scales, mins: x.new_empty(x.shape[0], w.shape[0]))
     torch.library.register_fake("leanlm_native::int4_dense")(
         lambda w, scales, mins, planes: w.new_empty(w.shape[0], w.shape[1] * 2 // planes, dtype=torch.bfloat16))
     return True

@@ -182,7 +182,9 @@ void unpack_row(const uint8_t *wr, int64_t K, int64_t full, uint8_t *out) {
 
 }  // namespace
 
-// x (M, K) float, w (N, K / 2) uint8, scales and mins (N, K / 32) fp16 -> (M, N) fp32. K % 64 == 0.
+// x (M, K) float, w (N, K / 2) uint8, scales and mins (N, K / 32) fp16 -> (M, N) in x's dtype (fp32 sums,
+// rounded once here: a cast left to the caller could be elided inside a compiled graph's fused loops, and
+// differently for one token than for a block, which would break speculative decoding's exactness). K % 64 == 0.
 at::Tensor int4_mm(const at::Tensor &x, const at::Tensor &w, const at::Tensor &scales, const at::Tensor &mins) {
     const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
     TORCH_CHECK(K % 64 == 0 && w.size(1) * 2 == K && scales.size(1) * 32 == K, "int4_mm: bad shapes");
@@ -207,7 +209,7 @@ at::Tensor int4_mm(const at::Tensor &x, const at::Tensor &w, const at::Tensor &s
     at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
         rows(xqp, dxp, sxp, wp, sp, mp, yp, M, N, K, Gp, n0, n1);
     });
-    return y;
+    return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
 }
 
 // The dense weight (N, K / P) in bf16 for prefill's matmul: planes p = 0..P-1 of each group of 32 inputs sit

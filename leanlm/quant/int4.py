@@ -165,7 +165,7 @@ class Int4Linear(nn.Module):
             return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
         if self.planes > 1:  # (M, K/32, P, 32): each group of inputs once per plane
             xf = xf.view(M, -1, 1, GROUP).expand(M, -1, self.planes, GROUP).reshape(M, -1)
-        y = torch.ops.leanlm_native.int4_mm(xf, self.w4, self.scales, self.mins)  # (M, N) fp32
+        y = torch.ops.leanlm_native.int4_mm(xf, self.w4, self.scales, self.mins)  # (M, N) in x's dtype
         if self.bias is not None:
             y = y + self.bias
         return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
