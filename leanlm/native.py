@@ -42,27 +42,39 @@ def _cpu_id() -> str:
         return platform.processor()
 
 
-@functools.cache
-def library() -> ctypes.CDLL | None:
-    """The built kernel library, or None where it cannot be built (no compiler, not x86/ARM Linux...)."""
+def _build(compiler: tuple[str, str, str], flags: list[str], pattern: str, name: str,
+           libs: tuple[str, ...] = ()) -> Path | None:
+    """Compile kernels/<pattern> into one shared library, cached under ~/.cache/leanlm/kernels by a hash of
+    the compiler, flags, CPU and sources; None where there is no compiler or the build fails.
+    compiler: (environment variable, default, fallback), e.g. ("CC", "cc", "gcc")."""
     if os.environ.get("LEANLM_NATIVE", "1") == "0":
         return None
-    cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+    env, default, fallback = compiler
+    cc = shutil.which(os.environ.get(env, default)) or shutil.which(fallback)
     if cc is None:
         return None
-    sources = sorted(KERNELS.glob("*.c"))
-    h = hashlib.sha256(" ".join([cc, *FLAGS, _cpu_id()]).encode())
+    sources = sorted(KERNELS.glob(pattern))
+    h = hashlib.sha256(" ".join([cc, *flags, _cpu_id(), torch.__version__]).encode())
     for src in sources:
         h.update(src.read_bytes())
     root = Path(os.environ.get("LEANLM_CACHE") or Path.home() / ".cache" / "leanlm") / "kernels"
-    so = root / f"leanlm-{h.hexdigest()[:16]}.so"
+    so = root / f"{name}-{h.hexdigest()[:16]}.so"
     if not so.exists():
         root.mkdir(parents=True, exist_ok=True)
         tmp = so.with_suffix(f".tmp{os.getpid()}")
-        done = subprocess.run([cc, *FLAGS, "-o", str(tmp), *map(str, sources)], capture_output=True, text=True)
-        if done.returncode != 0:
+        cmd = [cc, *flags, "-o", str(tmp), *map(str, sources), *libs]
+        if subprocess.run(cmd, capture_output=True, text=True).returncode != 0:
             return None
         tmp.replace(so)
+    return so
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The built kernel library, or None where it cannot be built (no compiler, not x86/ARM Linux...)."""
+    so = _build(("CC", "cc", "gcc"), FLAGS, "*.c", "leanlm")
+    if so is None:
+        return None
     lib = ctypes.CDLL(str(so))
     lib.int8_matvec.argtypes = [_PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, ctypes.c_int]
     lib.int8_matvec.restype = None
@@ -78,28 +90,13 @@ def library() -> ctypes.CDLL | None:
 def ops_library() -> bool:
     """Build (once, cached like `library`) and load kernels/*.cpp as torch operators; False where that
     cannot be done (no C++ compiler, no AVX-512 VNNI: the file then defines no operator)."""
-    if os.environ.get("LEANLM_NATIVE", "1") == "0":
-        return False
-    cxx = shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")
-    if cxx is None:
-        return False
     torch_dir = Path(torch.__file__).parent
     flags = ["-O3", "-march=native", "-std=c++17", "-w", "-fopenmp", "-shared", "-fPIC",
              f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
              f"-I{torch_dir / 'include'}", f"-L{torch_dir / 'lib'}"]
-    sources = sorted(KERNELS.glob("*.cpp"))
-    h = hashlib.sha256(" ".join([cxx, *flags, _cpu_id(), torch.__version__]).encode())
-    for src in sources:
-        h.update(src.read_bytes())
-    root = Path(os.environ.get("LEANLM_CACHE") or Path.home() / ".cache" / "leanlm") / "kernels"
-    so = root / f"leanlm-ops-{h.hexdigest()[:16]}.so"
-    if not so.exists():
-        root.mkdir(parents=True, exist_ok=True)
-        tmp = so.with_suffix(f".tmp{os.getpid()}")
-        cmd = [cxx, *flags, "-o", str(tmp), *map(str, sources), "-ltorch_cpu", "-lc10"]
-        if subprocess.run(cmd, capture_output=True, text=True).returncode != 0:
-            return False
-        tmp.replace(so)
+    so = _build(("CXX", "c++", "g++"), flags, "*.cpp", "leanlm-ops", ("-ltorch_cpu", "-lc10"))
+    if so is None:
+        return False
     torch.ops.load_library(str(so))
     if not hasattr(torch.ops.leanlm_native, "int4_mm"):
         return False
