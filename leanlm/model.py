@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import native
 from .cache import KVBuffer, ModelCache, attention_mask
 from .config import ModelConfig
 from .moe import MoE
@@ -107,6 +108,8 @@ class Attention(nn.Module):
         CPU SDPA costs more per call than the work itself at this size, and every query row is computed the
         same way whatever T is (a verified block scores like single decode steps)."""
         B, H, T, hd = q.shape
+        if q.device.type == "cpu" and hd % 16 == 0 and _native_attention():  # the same math, vectorised
+            return torch.ops.leanlm_native.attend(q, k, v, mask, self.scale)  # (kernels/attention.cpp)
         KV = k.shape[1]
         qg = q.reshape(B, KV, H // KV, T, hd)  # (B, KV, rep, T, hd): the query heads sharing each KV head
         s = (qg.float()[..., None, :] * k.float()[:, :, None, None]).sum(-1) * self.scale  # (B, KV, rep, T, S)
@@ -123,6 +126,11 @@ class Attention(nn.Module):
         s = torch.tanh(s / cap) * cap
         s = s.masked_fill(~mask, float("-inf"))
         return torch.softmax(s.float(), -1).to(q.dtype) @ v
+
+
+@torch.compiler.assume_constant_result  # a compiled graph asks once, while tracing (it may build the library)
+def _native_attention() -> bool:
+    return native.attention()
 
 
 class FeedForward(nn.Module):

@@ -89,7 +89,8 @@ def library() -> ctypes.CDLL | None:
 @functools.cache
 def ops_library() -> bool:
     """Build (once, cached like `library`) and load kernels/*.cpp as torch operators; False where that
-    cannot be done (no C++ compiler, no AVX-512 VNNI: the file then defines no operator)."""
+    cannot be done (no C++ compiler). Each file defines its operators only where the CPU has what it needs
+    (AVX-512, VNNI): see `int4_vnni` and `attention`."""
     torch_dir = Path(torch.__file__).parent
     flags = ["-O3", "-march=native", "-std=c++17", "-w", "-fopenmp", "-shared", "-fPIC",
              f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
@@ -98,19 +99,28 @@ def ops_library() -> bool:
     if so is None:
         return False
     torch.ops.load_library(str(so))
-    if not hasattr(torch.ops.leanlm_native, "int4_mm"):
-        return False
+    ops = torch.ops.leanlm_native
     # shapes for torch.compile's tracing
-    torch.library.register_fake("leanlm_native::int4_mm")(
-        lambda x, w, scales, mins: x.new_empty(x.shape[0], w.shape[0]))
-    torch.library.register_fake("leanlm_native::int4_dense")(
-        lambda w, scales, mins, planes: w.new_empty(w.shape[0], w.shape[1] * 2 // planes, dtype=torch.bfloat16))
+    if hasattr(ops, "int4_mm"):
+        torch.library.register_fake("leanlm_native::int4_mm")(
+            lambda x, w, scales, mins: x.new_empty(x.shape[0], w.shape[0]))
+        torch.library.register_fake("leanlm_native::int4_dense")(
+            lambda w, scales, mins, planes: w.new_empty(w.shape[0], w.shape[1] * 2 // planes, dtype=torch.bfloat16))
+    if hasattr(ops, "attend"):
+        torch.library.register_fake("leanlm_native::attend")(lambda q, k, v, mask, scale: torch.empty_like(
+            q, memory_format=torch.contiguous_format))
     return True
+
+
+def attention() -> bool:
+    """Does few-query attention run on our operator (kernels/attention.cpp)? LEANLM_NATIVE_ATTENTION=0: no."""
+    return (os.environ.get("LEANLM_NATIVE_ATTENTION", "1") != "0" and ops_library()
+            and hasattr(torch.ops.leanlm_native, "attend"))
 
 
 def int4_vnni() -> bool:
     """Do 4-bit weights run on our VNNI kernel (kernels/int4_vnni.cpp)? LEANLM_VNNI=0 keeps PyTorch's."""
-    return os.environ.get("LEANLM_VNNI", "1") != "0" and ops_library()
+    return os.environ.get("LEANLM_VNNI", "1") != "0" and ops_library() and hasattr(torch.ops.leanlm_native, "int4_mm")
 
 
 def vnni_head() -> bool:

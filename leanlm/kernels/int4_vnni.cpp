@@ -243,7 +243,7 @@ at::Tensor int4_dense(const at::Tensor &w, const at::Tensor &scales, const at::T
     return out;
 }
 
-TORCH_LIBRARY(leanlm_native, m) {
+TORCH_LIBRARY_FRAGMENT(leanlm_native, m) {
     m.def("int4_mm(Tensor x, Tensor w, Tensor scales, Tensor mins) -> Tensor");
     m.def("int4_dense(Tensor w, Tensor scales, Tensor mins, int planes) -> Tensor");
 }
