@@ -138,3 +138,27 @@ def test_int4_vnni_dense_and_fused_modules() -> None:
         assert torch.equal(both(rows), torch.cat([a(rows), b(rows)], -1))
     ref = x.bfloat16().double() @ torch.cat([wa, wb]).bfloat16().double().T
     assert ((both(x).double() - ref).abs().max() / ref.abs().max()).item() < 1e-2
+
+
+# --- few-query attention (kernels/attention.cpp) ----------------------------------------------------------------
+@pytest.mark.skipif(not native.attention(), reason="no AVX-512 BF16 here (the fp32 reductions in model.py run)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("B", "H", "KV", "T", "hd", "S"), [(2, 9, 3, 5, 64, 300), (1, 4, 1, 3, 256, 33),
+                                                           (1, 4, 2, 2, 128, 7), (1, 2, 2, 1, 48, 20)])
+def test_attention_operator_is_the_reference_math(dtype: torch.dtype, B: int, H: int, KV: int, T: int, hd: int,
+                                                   S: int) -> None:
+    """Softmax attention over the allowed keys (grouped-query heads, cache views with spare slots), and each
+    query row computed alike whatever T is (speculative decoding's exactness)."""
+    g = torch.Generator().manual_seed(S)
+    q = torch.randn(B, T, H, hd, generator=g).to(dtype).transpose(1, 2)  # (B, H, T, hd) strided, as the model has it
+    k, v = (torch.randn(B, KV, S + 9, hd, generator=g).to(dtype)[:, :, :S] for _ in range(2))
+    mask = (torch.rand(B, T, S, generator=g) > 0.3)[:, None]
+    mask[..., 0] = True
+    got = torch.ops.leanlm_native.attend(q, k, v, mask, 0.125)
+    qg = q.float().reshape(B, KV, H // KV, T, hd)
+    s = ((qg[..., None, :] * k.float()[:, :, None, None]).sum(-1) * 0.125).masked_fill(~mask[:, :, None], -torch.inf)
+    ref = (torch.softmax(s, -1)[..., None] * v.float()[:, :, None, None]).sum(-2).reshape(B, H, T, hd)
+    tol = 1e-5 if dtype == torch.float32 else 2**-8  # bf16: the output's rounding
+    assert ((got.float() - ref).abs() <= tol * (1 + ref.abs())).all()
+    last = torch.ops.leanlm_native.attend(q[:, :, -1:], k, v, mask[:, :, -1:], 0.125)
+    assert torch.equal(last, got[:, :, -1:])

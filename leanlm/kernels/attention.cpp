@@ -7,7 +7,8 @@
  * scores exactly like single steps (speculative decoding relies on it).
  *
  * Per task, with fp32 arithmetic throughout: s_j = scale * q . k_j for the keys the mask allows (others
- * -inf), p = softmax(s), o = sum_j p_j v_j. Query head h reads key/value head h / (H / KV) (grouped-query
+ * -inf), p = softmax(s), o = sum_j p_j v_j. Scores are taken 16 keys at a time (16 partial dot products,
+ * then one transpose-and-add tree gives their 16 sums in one register), exp is vectorised (exp16). Query head h reads key/value head h / (H / KV) (grouped-query
  * attention). q (B, H, T, hd), k and v (B, KV, S, hd) with rows contiguous along hd (cache views), mask
  * (B, 1, T, S) bool; hd a multiple of 16.
  */
@@ -21,7 +22,7 @@
 #include <limits>
 #include <vector>
 
-#if defined(__AVX512F__) && defined(__AVX512BW__)
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
 #include <immintrin.h>
 
 namespace {
@@ -33,6 +34,37 @@ inline __m512 load16(const at::BFloat16 *p) {  // bf16 -> fp32: the high half of
 inline void store16(float *p, __m512 v) { _mm512_storeu_ps(p, v); }
 inline void store16(at::BFloat16 *p, __m512 v) {  // fp32 -> bf16, round to nearest even
     _mm256_storeu_si256((__m256i *)p, (__m256i)_mm512_cvtneps_pbh(v));
+}
+
+// 16 vectors -> one vector whose lane i is the sum of v[i]'s lanes (a transpose-and-add tree, 45 ops)
+inline __m512 sum16(__m512 *v) {
+    __m512 a[8], b[4];
+    for (int i = 0; i < 8; i++)  // per 128-bit block: [v2i 0+2, v2i+1 0+2, v2i 1+3, v2i+1 1+3]
+        a[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+    for (int i = 0; i < 4; i++)  // per 128-bit block: the block sums of v4i .. v4i+3
+        b[i] = _mm512_add_ps(_mm512_shuffle_ps(a[2 * i], a[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                             _mm512_shuffle_ps(a[2 * i], a[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+    __m512 e01 = _mm512_add_ps(_mm512_shuffle_f32x4(b[0], b[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                               _mm512_shuffle_f32x4(b[0], b[1], _MM_SHUFFLE(3, 1, 3, 1)));
+    __m512 e23 = _mm512_add_ps(_mm512_shuffle_f32x4(b[2], b[3], _MM_SHUFFLE(2, 0, 2, 0)),
+                               _mm512_shuffle_f32x4(b[2], b[3], _MM_SHUFFLE(3, 1, 3, 1)));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(e01, e23, _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(e01, e23, _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+// e^x for x <= 0 (softmax after subtracting the max): x = n ln2 + r, e^r by its Taylor series to r^7
+// (|r| <= ln2 / 2: relative error < 2e-7), times 2^n; below -87 the result is 0 as float underflows anyway.
+inline __m512 exp16(__m512 x) {
+    const __m512 lo = _mm512_set1_ps(-87.0f);
+    const __mmask16 tiny = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
+    x = _mm512_max_ps(x, lo);
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);  // ln2 in two parts: exact n * hi
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.0f / 5040);
+    const float c[] = {1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f};
+    for (float ci : c) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(ci));
+    return _mm512_maskz_mov_ps(~tiny, _mm512_scalef_ps(p, n));
 }
 
 template <typename T>
@@ -49,7 +81,7 @@ void attend_rows(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v, 
     const int64_t ms0 = mask.stride(0), ms2 = mask.stride(2), ms3 = mask.stride(3);
     const float sc = (float)scale, ninf = -std::numeric_limits<float>::infinity();
     at::parallel_for(0, B * H * Tq, 1, [&](int64_t i0, int64_t i1) {
-        std::vector<float> s(S);
+        std::vector<float> s((S + 15) / 16 * 16);
         std::vector<__m512> qv(nv), acc(nv);
         for (int64_t i = i0; i < i1; i++) {
             const int64_t b = i / (H * Tq), h = i / Tq % H, t = i % Tq, g = h / rep;
@@ -57,23 +89,33 @@ void attend_rows(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v, 
             for (int64_t c = 0; c < nv; c++) qv[c] = load16(qr + c * 16);
             const T *kb = kp + b * ks0 + g * ks1, *vb = vp + b * vs0 + g * vs1;
             const bool *mr = mp + b * ms0 + t * ms2;
-            float mx = ninf;
-            for (int64_t j = 0; j < S; j++) {  // scores
-                if (!mr[j * ms3]) {
-                    s[j] = ninf;
-                    continue;
+            __m512 mxv = _mm512_set1_ps(ninf);
+            for (int64_t j0 = 0; j0 < S; j0 += 16) {  // scores, 16 keys at a time
+                const int64_t nj = S - j0 < 16 ? S - j0 : 16;
+                __m512 d[16];
+                __mmask16 allowed = 0;
+                for (int64_t jj = 0; jj < 16; jj++) {
+                    d[jj] = _mm512_setzero_ps();
+                    if (jj >= nj || !mr[(j0 + jj) * ms3]) continue;
+                    allowed |= (__mmask16)(1u << jj);
+                    const T *kr = kb + (j0 + jj) * ks2;
+                    for (int64_t c = 0; c < nv; c++) d[jj] = _mm512_fmadd_ps(qv[c], load16(kr + c * 16), d[jj]);
                 }
-                const T *kr = kb + j * ks2;
-                __m512 d = _mm512_mul_ps(qv[0], load16(kr));
-                for (int64_t c = 1; c < nv; c++) d = _mm512_fmadd_ps(qv[c], load16(kr + c * 16), d);
-                s[j] = _mm512_reduce_add_ps(d) * sc;
-                mx = s[j] > mx ? s[j] : mx;
+                const __m512 sj = _mm512_mask_blend_ps(allowed, _mm512_set1_ps(ninf),
+                                                       _mm512_mul_ps(sum16(d), _mm512_set1_ps(sc)));
+                _mm512_storeu_ps(s.data() + j0, sj);
+                mxv = _mm512_max_ps(mxv, sj);
             }
-            float sum = 0.0f;
-            for (int64_t j = 0; j < S; j++) {
-                s[j] = s[j] == ninf ? 0.0f : std::exp(s[j] - mx);
-                sum += s[j];
+            const __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(mxv));
+            __m512 sumv = _mm512_setzero_ps();
+            for (int64_t j0 = 0; j0 < S; j0 += 16) {  // exp(s - max); masked keys (and the padding) give 0
+                const __m512 sj = _mm512_loadu_ps(s.data() + j0);
+                const __mmask16 live = _mm512_cmp_ps_mask(sj, _mm512_set1_ps(ninf), _CMP_NEQ_OQ);
+                const __m512 e = _mm512_maskz_mov_ps(live, exp16(_mm512_sub_ps(sj, mx)));
+                _mm512_storeu_ps(s.data() + j0, e);
+                sumv = _mm512_add_ps(sumv, e);
             }
+            const float sum = _mm512_reduce_add_ps(sumv);
             const float inv = sum > 0 ? 1.0f / sum : 0.0f;
             for (int64_t c = 0; c < nv; c++) acc[c] = _mm512_setzero_ps();
             for (int64_t j = 0; j < S; j++) {  // weighted values
@@ -88,6 +130,85 @@ void attend_rows(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v, 
     });
 }
 
+// bf16 with hd % 32 == 0: scores by `vdpbf16ps` (32 exact bf16 products per instruction, summed in fp32),
+// values widened without conversions: a 32-bit lane holding two bf16 is the odd element's float once its
+// low half is cleared, and the even element's after a shift, so the accumulators hold even and odd columns.
+template <int NV>  // hd / 32, a compile-time count: the vector loops unroll and stay in registers
+void attend_bf16(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v, const at::Tensor &mask,
+                 double scale, at::Tensor &out) {
+    const int64_t B = q.size(0), H = q.size(1), Tq = q.size(2), hd = q.size(3), KV = k.size(1), S = k.size(2);
+    const int64_t rep = H / KV;
+    constexpr int nv = NV;
+    using T = at::BFloat16;
+    const T *qp = q.const_data_ptr<T>(), *kp = k.const_data_ptr<T>(), *vp = v.const_data_ptr<T>();
+    const bool *mp = mask.const_data_ptr<bool>();
+    T *op = out.data_ptr<T>();
+    const int64_t qs0 = q.stride(0), qs1 = q.stride(1), qs2 = q.stride(2);
+    const int64_t ks0 = k.stride(0), ks1 = k.stride(1), ks2 = k.stride(2);
+    const int64_t vs0 = v.stride(0), vs1 = v.stride(1), vs2 = v.stride(2);
+    const int64_t ms0 = mask.stride(0), ms2 = mask.stride(2), ms3 = mask.stride(3);
+    const float sc = (float)scale, ninf = -std::numeric_limits<float>::infinity();
+    const __m512i high = _mm512_set1_epi32((int)0xFFFF0000u);
+    at::parallel_for(0, B * H * Tq, 1, [&](int64_t i0, int64_t i1) {
+        std::vector<float> s((S + 15) / 16 * 16), even(hd / 2), odd(hd / 2);
+        __m512i qv[NV];
+        __m512 ae[NV], ao[NV];
+        for (int64_t i = i0; i < i1; i++) {
+            const int64_t b = i / (H * Tq), h = i / Tq % H, t = i % Tq, g = h / rep;
+            const T *qr = qp + b * qs0 + h * qs1 + t * qs2;
+            for (int c = 0; c < nv; c++) qv[c] = _mm512_loadu_si512((const void *)(qr + c * 32));
+            const T *kb = kp + b * ks0 + g * ks1, *vb = vp + b * vs0 + g * vs1;
+            const bool *mr = mp + b * ms0 + t * ms2;
+            __m512 mxv = _mm512_set1_ps(ninf);
+            for (int64_t j0 = 0; j0 < S; j0 += 16) {
+                const int64_t nj = S - j0 < 16 ? S - j0 : 16;
+                __m512 d[16];
+                __mmask16 allowed = 0;
+                for (int64_t jj = 0; jj < 16; jj++) {
+                    d[jj] = _mm512_setzero_ps();
+                    if (jj >= nj || !mr[(j0 + jj) * ms3]) continue;
+                    allowed |= (__mmask16)(1u << jj);
+                    const T *kr = kb + (j0 + jj) * ks2;
+#pragma GCC unroll 8
+                    for (int c = 0; c < nv; c++)
+                        d[jj] = _mm512_dpbf16_ps(d[jj], (__m512bh)qv[c], (__m512bh)_mm512_loadu_si512((const void *)(kr + c * 32)));
+                }
+                const __m512 sj = _mm512_mask_blend_ps(allowed, _mm512_set1_ps(ninf),
+                                                       _mm512_mul_ps(sum16(d), _mm512_set1_ps(sc)));
+                _mm512_storeu_ps(s.data() + j0, sj);
+                mxv = _mm512_max_ps(mxv, sj);
+            }
+            const __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(mxv));
+            __m512 sumv = _mm512_setzero_ps();
+            for (int64_t j0 = 0; j0 < S; j0 += 16) {
+                const __m512 sj = _mm512_loadu_ps(s.data() + j0);
+                const __mmask16 live = _mm512_cmp_ps_mask(sj, _mm512_set1_ps(ninf), _CMP_NEQ_OQ);
+                const __m512 e = _mm512_maskz_mov_ps(live, exp16(_mm512_sub_ps(sj, mx)));
+                _mm512_storeu_ps(s.data() + j0, e);
+                sumv = _mm512_add_ps(sumv, e);
+            }
+            const float sum = _mm512_reduce_add_ps(sumv), inv = sum > 0 ? 1.0f / sum : 0.0f;
+            for (int c = 0; c < nv; c++) ae[c] = ao[c] = _mm512_setzero_ps();
+            for (int64_t j = 0; j < S; j++) {  // (masked keys have p = 0: no branch)
+                const __m512 p = _mm512_set1_ps(s[j] * inv);
+                const T *vr = vb + j * vs2;
+#pragma GCC unroll 8
+                for (int c = 0; c < nv; c++) {
+                    const __m512i x = _mm512_loadu_si512((const void *)(vr + c * 32));
+                    ae[c] = _mm512_fmadd_ps(p, _mm512_castsi512_ps(_mm512_slli_epi32(x, 16)), ae[c]);
+                    ao[c] = _mm512_fmadd_ps(p, _mm512_castsi512_ps(_mm512_and_si512(x, high)), ao[c]);
+                }
+            }
+            for (int c = 0; c < nv; c++) {
+                _mm512_storeu_ps(even.data() + c * 16, ae[c]);
+                _mm512_storeu_ps(odd.data() + c * 16, ao[c]);
+            }
+            T *orow = op + ((b * H + h) * Tq + t) * hd;
+            for (int64_t e = 0; e < hd / 2; e++) orow[2 * e] = T(even[e]), orow[2 * e + 1] = T(odd[e]);
+        }
+    });
+}
+
 }  // namespace
 
 // q (B, H, T, hd), k, v (B, KV, S, hd), mask (B, 1, T, S) bool -> (B, H, T, hd) contiguous, q's dtype
@@ -97,7 +218,12 @@ at::Tensor attend(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v,
                 "attend: head dim must be a multiple of 16 with contiguous rows");
     TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), "attend: dtypes differ");
     at::Tensor out = at::empty(q.sizes(), q.options());
-    if (q.scalar_type() == at::kBFloat16) {
+    const int64_t hd = q.size(3);
+    if (q.scalar_type() == at::kBFloat16 && (hd == 64 || hd == 128 || hd == 256)) {
+        if (hd == 64) attend_bf16<2>(q, k, v, mask, scale, out);
+        if (hd == 128) attend_bf16<4>(q, k, v, mask, scale, out);
+        if (hd == 256) attend_bf16<8>(q, k, v, mask, scale, out);
+    } else if (q.scalar_type() == at::kBFloat16) {
         attend_rows<at::BFloat16>(q, k, v, mask, scale, out);
     } else {
         TORCH_CHECK(q.scalar_type() == at::kFloat, "attend: bf16 or fp32 only");
