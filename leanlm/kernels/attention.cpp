@@ -67,65 +67,96 @@ inline __m512 exp16(__m512 x) {
     return _mm512_maskz_mov_ps(~tiny, _mm512_scalef_ps(p, n));
 }
 
+// Pointers and strides of one call (q (B, H, T, hd), k and v (B, KV, S, hd), mask (B, 1, T, S)), and where
+// task i = (b, h, t) reads and writes.
+template <typename T>
+struct Rows {
+    const T *q, *k, *v;
+    const bool *mask;
+    T *out;
+    int64_t H, Tq, hd, S, rep, qs0, qs1, qs2, ks0, ks1, ks2, vs0, vs1, vs2, ms0, ms2, ms3;
+    Rows(const at::Tensor &q_, const at::Tensor &k_, const at::Tensor &v_, const at::Tensor &m_, at::Tensor &o_)
+        : q(q_.const_data_ptr<T>()), k(k_.const_data_ptr<T>()), v(v_.const_data_ptr<T>()),
+          mask(m_.const_data_ptr<bool>()), out(o_.data_ptr<T>()), H(q_.size(1)), Tq(q_.size(2)), hd(q_.size(3)),
+          S(k_.size(2)), rep(q_.size(1) / k_.size(1)), qs0(q_.stride(0)), qs1(q_.stride(1)), qs2(q_.stride(2)),
+          ks0(k_.stride(0)), ks1(k_.stride(1)), ks2(k_.stride(2)), vs0(v_.stride(0)), vs1(v_.stride(1)),
+          vs2(v_.stride(2)), ms0(m_.stride(0)), ms2(m_.stride(2)), ms3(m_.stride(3)) {}
+    struct Task {
+        const T *q, *k, *v;
+        const bool *mask;
+        T *out;
+    };
+    Task task(int64_t i) const {
+        const int64_t b = i / (H * Tq), h = i / Tq % H, t = i % Tq, g = h / rep;
+        return {q + b * qs0 + h * qs1 + t * qs2, k + b * ks0 + g * ks1, v + b * vs0 + g * vs1, mask + b * ms0 + t * ms2,
+                out + i * hd};
+    }
+};
+
+// s[0..S) holds the scores (-inf where masked, S rounded up to 16) and mxv their running maximum: s becomes
+// exp(s - max) (0 where masked); returns 1 / sum.
+inline float softmax_weights(float *s, int64_t S, __m512 mxv) {
+    const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+    const __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(mxv));
+    __m512 sumv = _mm512_setzero_ps();
+    for (int64_t j0 = 0; j0 < S; j0 += 16) {
+        const __m512 sj = _mm512_loadu_ps(s + j0);
+        const __mmask16 live = _mm512_cmp_ps_mask(sj, ninf, _CMP_NEQ_OQ);
+        const __m512 e = _mm512_maskz_mov_ps(live, exp16(_mm512_sub_ps(sj, mx)));
+        _mm512_storeu_ps(s + j0, e);
+        sumv = _mm512_add_ps(sumv, e);
+    }
+    const float sum = _mm512_reduce_add_ps(sumv);
+    return sum > 0 ? 1.0f / sum : 0.0f;
+}
+
+// Scores of keys j0..j0+15 for one task: dot(key row) gives a vector whose lanes sum to q . k; keys the mask
+// forbids (or past S) get -inf.
+template <typename T, typename Dot>
+inline __m512 score16(const Rows<T> &L, const typename Rows<T>::Task &r, int64_t j0, float sc, Dot dot) {
+    __m512 d[16];
+    __mmask16 allowed = 0;
+    for (int64_t jj = 0; jj < 16; jj++) {
+        const bool ok = j0 + jj < L.S && r.mask[(j0 + jj) * L.ms3];
+        d[jj] = ok ? dot(r.k + (j0 + jj) * L.ks2) : _mm512_setzero_ps();
+        allowed |= (__mmask16)((ok ? 1u : 0u) << jj);
+    }
+    return _mm512_mask_blend_ps(allowed, _mm512_set1_ps(-std::numeric_limits<float>::infinity()),
+                                _mm512_mul_ps(sum16(d), _mm512_set1_ps(sc)));
+}
+
 template <typename T>
 void attend_rows(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v, const at::Tensor &mask,
                  double scale, at::Tensor &out) {
-    const int64_t B = q.size(0), H = q.size(1), Tq = q.size(2), hd = q.size(3), KV = k.size(1), S = k.size(2);
-    const int64_t rep = H / KV, nv = hd / 16;
-    const T *qp = q.const_data_ptr<T>(), *kp = k.const_data_ptr<T>(), *vp = v.const_data_ptr<T>();
-    const bool *mp = mask.const_data_ptr<bool>();
-    T *op = out.data_ptr<T>();
-    const int64_t qs0 = q.stride(0), qs1 = q.stride(1), qs2 = q.stride(2);
-    const int64_t ks0 = k.stride(0), ks1 = k.stride(1), ks2 = k.stride(2);
-    const int64_t vs0 = v.stride(0), vs1 = v.stride(1), vs2 = v.stride(2);
-    const int64_t ms0 = mask.stride(0), ms2 = mask.stride(2), ms3 = mask.stride(3);
+    const Rows<T> L(q, k, v, mask, out);
+    const int64_t S = L.S, nv = L.hd / 16;
     const float sc = (float)scale, ninf = -std::numeric_limits<float>::infinity();
-    at::parallel_for(0, B * H * Tq, 1, [&](int64_t i0, int64_t i1) {
+    at::parallel_for(0, q.size(0) * L.H * L.Tq, 1, [&](int64_t i0, int64_t i1) {
         std::vector<float> s((S + 15) / 16 * 16);
         std::vector<__m512> qv(nv), acc(nv);
         for (int64_t i = i0; i < i1; i++) {
-            const int64_t b = i / (H * Tq), h = i / Tq % H, t = i % Tq, g = h / rep;
-            const T *qr = qp + b * qs0 + h * qs1 + t * qs2;
-            for (int64_t c = 0; c < nv; c++) qv[c] = load16(qr + c * 16);
-            const T *kb = kp + b * ks0 + g * ks1, *vb = vp + b * vs0 + g * vs1;
-            const bool *mr = mp + b * ms0 + t * ms2;
+            const auto r = L.task(i);
+            for (int64_t c = 0; c < nv; c++) qv[c] = load16(r.q + c * 16);
             __m512 mxv = _mm512_set1_ps(ninf);
+            const auto dot = [&](const T *kr) {
+                __m512 d = _mm512_setzero_ps();
+                for (int64_t c = 0; c < nv; c++) d = _mm512_fmadd_ps(qv[c], load16(kr + c * 16), d);
+                return d;
+            };
             for (int64_t j0 = 0; j0 < S; j0 += 16) {  // scores, 16 keys at a time
-                const int64_t nj = S - j0 < 16 ? S - j0 : 16;
-                __m512 d[16];
-                __mmask16 allowed = 0;
-                for (int64_t jj = 0; jj < 16; jj++) {
-                    d[jj] = _mm512_setzero_ps();
-                    if (jj >= nj || !mr[(j0 + jj) * ms3]) continue;
-                    allowed |= (__mmask16)(1u << jj);
-                    const T *kr = kb + (j0 + jj) * ks2;
-                    for (int64_t c = 0; c < nv; c++) d[jj] = _mm512_fmadd_ps(qv[c], load16(kr + c * 16), d[jj]);
-                }
-                const __m512 sj = _mm512_mask_blend_ps(allowed, _mm512_set1_ps(ninf),
-                                                       _mm512_mul_ps(sum16(d), _mm512_set1_ps(sc)));
+                const __m512 sj = score16(L, r, j0, sc, dot);
                 _mm512_storeu_ps(s.data() + j0, sj);
                 mxv = _mm512_max_ps(mxv, sj);
             }
-            const __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(mxv));
-            __m512 sumv = _mm512_setzero_ps();
-            for (int64_t j0 = 0; j0 < S; j0 += 16) {  // exp(s - max); masked keys (and the padding) give 0
-                const __m512 sj = _mm512_loadu_ps(s.data() + j0);
-                const __mmask16 live = _mm512_cmp_ps_mask(sj, _mm512_set1_ps(ninf), _CMP_NEQ_OQ);
-                const __m512 e = _mm512_maskz_mov_ps(live, exp16(_mm512_sub_ps(sj, mx)));
-                _mm512_storeu_ps(s.data() + j0, e);
-                sumv = _mm512_add_ps(sumv, e);
-            }
-            const float sum = _mm512_reduce_add_ps(sumv);
-            const float inv = sum > 0 ? 1.0f / sum : 0.0f;
+            const float inv = softmax_weights(s.data(), S, mxv);
             for (int64_t c = 0; c < nv; c++) acc[c] = _mm512_setzero_ps();
             for (int64_t j = 0; j < S; j++) {  // weighted values
                 if (s[j] == 0.0f) continue;
                 const __m512 p = _mm512_set1_ps(s[j] * inv);
-                const T *vr = vb + j * vs2;
+                const T *vr = r.v + j * L.vs2;
                 for (int64_t c = 0; c < nv; c++) acc[c] = _mm512_fmadd_ps(p, load16(vr + c * 16), acc[c]);
             }
-            T *orow = op + ((b * H + h) * Tq + t) * hd;
-            for (int64_t c = 0; c < nv; c++) store16(orow + c * 16, acc[c]);
+            for (int64_t c = 0; c < nv; c++) store16(r.out + c * 16, acc[c]);
         }
     });
 }
@@ -136,75 +167,48 @@ void attend_rows(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v, 
 template <int NV>  // hd / 32, a compile-time count: the vector loops unroll and stay in registers
 void attend_bf16(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v, const at::Tensor &mask,
                  double scale, at::Tensor &out) {
-    const int64_t B = q.size(0), H = q.size(1), Tq = q.size(2), hd = q.size(3), KV = k.size(1), S = k.size(2);
-    const int64_t rep = H / KV;
-    constexpr int nv = NV;
     using T = at::BFloat16;
-    const T *qp = q.const_data_ptr<T>(), *kp = k.const_data_ptr<T>(), *vp = v.const_data_ptr<T>();
-    const bool *mp = mask.const_data_ptr<bool>();
-    T *op = out.data_ptr<T>();
-    const int64_t qs0 = q.stride(0), qs1 = q.stride(1), qs2 = q.stride(2);
-    const int64_t ks0 = k.stride(0), ks1 = k.stride(1), ks2 = k.stride(2);
-    const int64_t vs0 = v.stride(0), vs1 = v.stride(1), vs2 = v.stride(2);
-    const int64_t ms0 = mask.stride(0), ms2 = mask.stride(2), ms3 = mask.stride(3);
+    const Rows<T> L(q, k, v, mask, out);
+    const int64_t S = L.S, hd = L.hd;
     const float sc = (float)scale, ninf = -std::numeric_limits<float>::infinity();
     const __m512i high = _mm512_set1_epi32((int)0xFFFF0000u);
-    at::parallel_for(0, B * H * Tq, 1, [&](int64_t i0, int64_t i1) {
+    at::parallel_for(0, q.size(0) * L.H * L.Tq, 1, [&](int64_t i0, int64_t i1) {
         std::vector<float> s((S + 15) / 16 * 16), even(hd / 2), odd(hd / 2);
         __m512i qv[NV];
         __m512 ae[NV], ao[NV];
         for (int64_t i = i0; i < i1; i++) {
-            const int64_t b = i / (H * Tq), h = i / Tq % H, t = i % Tq, g = h / rep;
-            const T *qr = qp + b * qs0 + h * qs1 + t * qs2;
-            for (int c = 0; c < nv; c++) qv[c] = _mm512_loadu_si512((const void *)(qr + c * 32));
-            const T *kb = kp + b * ks0 + g * ks1, *vb = vp + b * vs0 + g * vs1;
-            const bool *mr = mp + b * ms0 + t * ms2;
+            const auto r = L.task(i);
+            for (int c = 0; c < NV; c++) qv[c] = _mm512_loadu_si512((const void *)(r.q + c * 32));
             __m512 mxv = _mm512_set1_ps(ninf);
-            for (int64_t j0 = 0; j0 < S; j0 += 16) {
-                const int64_t nj = S - j0 < 16 ? S - j0 : 16;
-                __m512 d[16];
-                __mmask16 allowed = 0;
-                for (int64_t jj = 0; jj < 16; jj++) {
-                    d[jj] = _mm512_setzero_ps();
-                    if (jj >= nj || !mr[(j0 + jj) * ms3]) continue;
-                    allowed |= (__mmask16)(1u << jj);
-                    const T *kr = kb + (j0 + jj) * ks2;
+            const auto dot = [&](const T *kr) {
+                __m512 d = _mm512_setzero_ps();
 #pragma GCC unroll 8
-                    for (int c = 0; c < nv; c++)
-                        d[jj] = _mm512_dpbf16_ps(d[jj], (__m512bh)qv[c], (__m512bh)_mm512_loadu_si512((const void *)(kr + c * 32)));
-                }
-                const __m512 sj = _mm512_mask_blend_ps(allowed, _mm512_set1_ps(ninf),
-                                                       _mm512_mul_ps(sum16(d), _mm512_set1_ps(sc)));
+                for (int c = 0; c < NV; c++)
+                    d = _mm512_dpbf16_ps(d, (__m512bh)qv[c], (__m512bh)_mm512_loadu_si512((const void *)(kr + c * 32)));
+                return d;
+            };
+            for (int64_t j0 = 0; j0 < S; j0 += 16) {
+                const __m512 sj = score16(L, r, j0, sc, dot);
                 _mm512_storeu_ps(s.data() + j0, sj);
                 mxv = _mm512_max_ps(mxv, sj);
             }
-            const __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(mxv));
-            __m512 sumv = _mm512_setzero_ps();
-            for (int64_t j0 = 0; j0 < S; j0 += 16) {
-                const __m512 sj = _mm512_loadu_ps(s.data() + j0);
-                const __mmask16 live = _mm512_cmp_ps_mask(sj, _mm512_set1_ps(ninf), _CMP_NEQ_OQ);
-                const __m512 e = _mm512_maskz_mov_ps(live, exp16(_mm512_sub_ps(sj, mx)));
-                _mm512_storeu_ps(s.data() + j0, e);
-                sumv = _mm512_add_ps(sumv, e);
-            }
-            const float sum = _mm512_reduce_add_ps(sumv), inv = sum > 0 ? 1.0f / sum : 0.0f;
-            for (int c = 0; c < nv; c++) ae[c] = ao[c] = _mm512_setzero_ps();
+            const float inv = softmax_weights(s.data(), S, mxv);
+            for (int c = 0; c < NV; c++) ae[c] = ao[c] = _mm512_setzero_ps();
             for (int64_t j = 0; j < S; j++) {  // (masked keys have p = 0: no branch)
                 const __m512 p = _mm512_set1_ps(s[j] * inv);
-                const T *vr = vb + j * vs2;
+                const T *vr = r.v + j * L.vs2;
 #pragma GCC unroll 8
-                for (int c = 0; c < nv; c++) {
+                for (int c = 0; c < NV; c++) {
                     const __m512i x = _mm512_loadu_si512((const void *)(vr + c * 32));
                     ae[c] = _mm512_fmadd_ps(p, _mm512_castsi512_ps(_mm512_slli_epi32(x, 16)), ae[c]);
                     ao[c] = _mm512_fmadd_ps(p, _mm512_castsi512_ps(_mm512_and_si512(x, high)), ao[c]);
                 }
             }
-            for (int c = 0; c < nv; c++) {
+            for (int c = 0; c < NV; c++) {
                 _mm512_storeu_ps(even.data() + c * 16, ae[c]);
                 _mm512_storeu_ps(odd.data() + c * 16, ao[c]);
             }
-            T *orow = op + ((b * H + h) * Tq + t) * hd;
-            for (int64_t e = 0; e < hd / 2; e++) orow[2 * e] = T(even[e]), orow[2 * e + 1] = T(odd[e]);
+            for (int64_t e = 0; e < hd / 2; e++) r.out[2 * e] = T(even[e]), r.out[2 * e + 1] = T(odd[e]);
         }
     });
 }
