@@ -179,3 +179,17 @@ def test_server_speculation_is_exact_and_reported(smol_path: Path, how: str) -> 
     assert values["leanlm_speculative_draft_tokens"] > 0
     assert 0 < values["leanlm_speculative_acceptance_rate"] <= 1
     assert values["leanlm_speculative_tokens_per_forward"] > 1
+
+
+def test_engine_repetition_penalty_matches_plain_generation() -> None:
+    """The engine's repetition penalty reads the last repeat_last_n tokens of prompt + text, as generate does
+    (with and without drafts)."""
+    from leanlm.sampling import sample
+
+    target = tiny_llm()
+    sp = SamplingParams(max_tokens=40, temperature=0, repeat_penalty=1.5, repeat_last_n=8, ignore_eos=True)
+    want = [list(generate_ids(target.model, p, lambda lg, h: sample(lg, sp, h), 40, chunk=6)) for p in PROMPTS[:3]]
+    assert want != [list(generate_ids(target.model, p, lambda lg, h: lg.argmax(-1), 40, chunk=6)) for p in PROMPTS[:3]]
+    for spec in (None, Speculation(4, None, "lookup")):
+        engine = Engine(target, max_batch=3, max_len=100, chunk=6, speculation=spec)
+        assert run(engine, PROMPTS[:3], [sp] * 3) == want

@@ -37,7 +37,7 @@ from ..cache import ModelCache
 from ..errors import LeanLMError
 from ..llm import LLM, Speculation
 from ..sampling import SamplingParams, sample
-from ..speculative import Proposer
+from ..speculative import Proposer, recent
 from ..stops import StopStrings
 from ..structured import Constraint
 from ..tokenizer import StreamDecoder
@@ -71,10 +71,8 @@ class Sequence:
         self.prefilled = 0  # prompt tokens already in the cache
         self.next_token: int | None = None  # sampled, not yet fed back
         self.generated: list[int] = []
-        self.tokens = list(prompt)  # the prompt and every generated token (what a proposer reads)
+        self.tokens = list(prompt)  # the prompt and every generated token (for proposers, repetition penalty)
         self.proposer: Proposer | None = None  # speculative decoding's drafts for this sequence, if any
-        self.history = torch.zeros(1, n + max(self.max_tokens, 1), dtype=torch.long)
-        self.history[0, :n] = torch.tensor(self.prompt)
         self.generator = torch.Generator()
         if params.seed is not None:
             self.generator.manual_seed(params.seed)
@@ -255,7 +253,7 @@ class Engine:
             if seq is not None:
                 positions[r] += seq.position
         for seq in live:
-            block = [seq.next_token, *drafts.get(seq.row, ((), None))[0]]
+            block = [seq.next_token, *drafts.get(seq.row, ([], None))[0]]
             tokens[seq.row, :len(block)] = torch.tensor(block)
         kv_len = int(positions.max()) + 1
         step = self.llm.decode_step(hi, tokens=T)
@@ -275,20 +273,18 @@ class Engine:
     def _accept(self, seq: Sequence, logits: torch.Tensor) -> None:
         """Sample the next token from logits (1, V), stream it, and stop the sequence where it ends."""
         p = seq.params
-        n_hist = len(seq.prompt) + len(seq.generated)
         raw = logits
         if seq.generated and (p.presence_penalty or p.frequency_penalty):
             counts = torch.bincount(torch.tensor(seq.generated), minlength=logits.shape[-1]).float()
             logits = logits.float() - p.frequency_penalty * counts - p.presence_penalty * (counts > 0).float()
         if seq.constraint is not None:
             logits = seq.constraint.apply(logits)
-        tid = int(sample(logits, p, seq.history[:, :n_hist], seq.generator)[0])
+        tid = int(sample(logits, p, recent(seq.tokens, p, logits.device)[None], seq.generator)[0])
         self._commit(seq, tid, raw)
 
     def _commit(self, seq: Sequence, tid: int, raw: torch.Tensor) -> bool:
         """Append token tid (raw: the model's logits (1, V) it was drawn from), stream it, end the sequence
         where it ends; False once it has ended."""
-        n_hist = len(seq.prompt) + len(seq.generated)
         lp = top = None
         if seq.logprobs is not None:  # under the model's own distribution (before any sampling settings)
             logp = torch.log_softmax(raw[0].float(), -1)
@@ -298,8 +294,6 @@ class Engine:
                 top = list(zip(i.tolist(), v.tolist()))
         seq.generated.append(tid)
         seq.tokens.append(tid)
-        if n_hist < seq.history.shape[1]:
-            seq.history[0, n_hist] = tid
         seq.last_logprobs = (lp, top)
         if tid in seq.stop_ids:
             return self._finish(seq, "stop", "")
