@@ -46,14 +46,17 @@ class KVBuffer:
         return self.k.shape[2]
 
     def write(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store new keys/values at slots (B, T); k, v: (B, n_kv, T, hd)."""
-        if slots.shape[0] == 1:  # one sequence: a plain indexed copy along the slot axis
-            self.k.index_copy_(2, slots[0], k)
-            self.v.index_copy_(2, slots[0], v)
-            return
-        idx = slots[:, None, :, None].expand_as(k)  # (B, n_kv, T, hd)
-        self.k.scatter_(2, idx, k)
-        self.v.scatter_(2, idx, v)
+        """Store new keys/values at slots (B, T); k, v: (B, n_kv, T, hd).
+
+        One indexed copy of rows into the buffer seen as (B * n_kv * S, hd): row (b, h, s) is
+        (b * n_kv + h) * S + s. E.g. B = 2, n_kv = 3, S = 8, slots [[5], [2]]: rows 5, 13, 21 and
+        26, 34, 42. (A `scatter_` along the slot axis made inductor copy the whole buffer every step:
+        5 ms per token at batch 8 on SmolLM2.)
+        """
+        B, n_kv, T, hd = k.shape
+        rows = (torch.arange(B * n_kv, device=k.device).view(B, n_kv, 1) * self.size + slots[:, None, :]).flatten()
+        self.k.view(-1, hd).index_copy_(0, rows, k.reshape(-1, hd))  # (B * n_kv * T, hd) rows
+        self.v.view(-1, hd).index_copy_(0, rows, v.reshape(-1, hd))
 
     def view(self, kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The slots worth reading when positions < kv_len: k, v (B, n_kv, S', hd)."""
