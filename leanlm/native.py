@@ -55,7 +55,7 @@ def _build(compiler: tuple[str, str, str], flags: list[str], pattern: str, name:
         return None
     sources = sorted(KERNELS.glob(pattern))
     h = hashlib.sha256(" ".join([cc, *flags, _cpu_id(), torch.__version__]).encode())
-    for src in sources:
+    for src in sources + sorted(KERNELS.glob("*.h")):  # the headers they share count too
         h.update(src.read_bytes())
     root = Path(os.environ.get("LEANLM_CACHE") or Path.home() / ".cache" / "leanlm") / "kernels"
     so = root / f"{name}-{h.hexdigest()[:16]}.so"
@@ -106,6 +106,9 @@ def ops_library() -> bool:
             lambda x, w, scales, mins: x.new_empty(x.shape[0], w.shape[0]))
         torch.library.register_fake("leanlm_native::int4_dense")(
             lambda w, scales, mins, planes: w.new_empty(w.shape[0], w.shape[1] * 2 // planes, dtype=torch.bfloat16))
+    if hasattr(ops, "int8_mm"):
+        torch.library.register_fake("leanlm_native::int8_mm")(
+            lambda x, w, scales: x.new_empty(x.shape[0], w.shape[0], dtype=torch.float32))
     if hasattr(ops, "attend"):
         torch.library.register_fake("leanlm_native::attend")(lambda q, k, v, mask, scale: torch.empty_like(
             q, memory_format=torch.contiguous_format))
@@ -121,6 +124,11 @@ def attention() -> bool:
 def int4_vnni() -> bool:
     """Do 4-bit weights run on our VNNI kernel (kernels/int4_vnni.cpp)? LEANLM_VNNI=0 keeps PyTorch's."""
     return os.environ.get("LEANLM_VNNI", "1") != "0" and ops_library() and hasattr(torch.ops.leanlm_native, "int4_mm")
+
+
+def int8_head() -> bool:
+    """Does the output head run on our tiled VNNI operator (kernels/int8_head.cpp)? LEANLM_VNNI=0: no."""
+    return os.environ.get("LEANLM_VNNI", "1") != "0" and ops_library() and hasattr(torch.ops.leanlm_native, "int8_mm")
 
 
 def vnni_head() -> bool:

@@ -86,14 +86,18 @@ def test_int8_head_rows_are_within_half_a_step(smol_path: Path) -> None:
     from leanlm.quant.int8 import Int8Embedding, Int8Linear, quantize_rows
 
     f = GGUFFile(smol_path)
-    w = dequantize_rows(f, "token_embd.weight", 0, 1000)
-    codes, scales = quantize_rows(1000, lambda s, e: w[s:e])
+    w = dequantize_rows(f, "token_embd.weight", 0, 1024)  # whole tiles: the tiled kernel where the CPU has it
+    codes, scales = quantize_rows(1024, lambda s, e: w[s:e])
     err = (codes.float() * scales.float()[:, None] - w).abs()
     assert (err <= scales.float()[:, None] * 0.5 + 1e-6).all()
-    x = torch.randn(3, w.shape[1])
+    x = torch.randn(3, w.shape[1], generator=torch.Generator().manual_seed(0))
     ref = x @ w.t()
-    assert (Int8Linear(codes, scales)(x) - ref).abs().max() < 0.02 * ref.abs().max()
-    emb = Int8Embedding(codes, scales, torch.float32)(torch.tensor([[0, 999]]))
+    natural = Int8Embedding(codes.clone(), scales, torch.float32)
+    head = Int8Linear(codes, scales)  # packs the codes in place where our tiled kernel runs
+    assert (head(x) - ref).abs().max() < 0.04 * ref.abs().max()  # (x is int8 per 32 on the tiled kernel)
+    ids = torch.tensor([[0, 999], [17, 500]])
+    emb = Int8Embedding.tied(head, torch.float32)(ids)  # rows read back from the head's layout
+    assert torch.equal(emb, natural(ids))
     assert (emb[0] - w[[0, 999]]).abs().max() <= scales.float().max()
 
 

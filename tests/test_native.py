@@ -55,9 +55,10 @@ def test_int4_dense_unpacks_the_kernel_layout(n: int, k: int, mults: tuple[float
 
     gen = torch.Generator().manual_seed(n + len(mults))
     kp = k * len(mults)
-    parts = Int4Parts(torch.randint(0, 16, (n, kp), generator=gen),
-                      (torch.rand(n, kp // 32, generator=gen) / 10).bfloat16().float(),
-                      (torch.randn(n, kp // 32, generator=gen) / 10).bfloat16().float(), g, mults)
+    # dyadic scales and zeros: exact in both layouts' fp16 / bf16 and in zero - 8 * scale
+    scale = torch.randint(1, 16, (n, kp // 32), generator=gen) / 128
+    zero = torch.randint(-16, 16, (n, kp // 32), generator=gen) / 64 + 8 * scale
+    parts = Int4Parts(torch.randint(0, 16, (n, kp), generator=gen), scale, zero, g, mults)
     lin = Int4Linear(parts)
     exact = parts.dense()
     assert torch.equal(lin.dense_bf16(), exact.to(torch.bfloat16))
@@ -102,9 +103,10 @@ def _vnni_linear(n: int, k: int, planes: int, seed: int):  # noqa: ANN202
     return lin, w.sum(2).reshape(n, k)
 
 
-# k: whole blocks of 16 groups, blocks plus a tail of 2 or 4 groups, a tail only; m: the 4-row tiles' tails
+# n: whole tiles of 16 outputs and padded ones; k: 1 to 20 groups; m: the 4-row tiles and their tails
 @needs_vnni
-@pytest.mark.parametrize(("n", "k", "planes"), [(48, 512, 1), (40, 576, 1), (24, 640, 1), (16, 64, 1), (32, 576, 2)])
+@pytest.mark.parametrize(("n", "k", "planes"), [(48, 512, 1), (40, 576, 1), (24, 640, 1), (16, 32, 1), (7, 96, 1),
+                                               (32, 576, 2)])
 @pytest.mark.parametrize("m", [1, 3, 4, 7])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_int4_vnni_is_exact_integer_math(n: int, k: int, planes: int, m: int, dtype: torch.dtype) -> None:
@@ -162,3 +164,36 @@ def test_attention_operator_is_the_reference_math(dtype: torch.dtype, B: int, H:
     assert ((got.float() - ref).abs() <= tol * (1 + ref.abs())).all()
     last = torch.ops.leanlm_native.attend(q[:, :, -1:], k, v, mask[:, :, -1:], 0.125)
     assert torch.equal(last, got[:, :, -1:])
+
+
+@needs_vnni
+def test_int4_vnni_rows_do_not_depend_on_their_company() -> None:
+    """A row's output is the same bits alone or among others (a speculative block scores like single steps)."""
+    lin, _ = _vnni_linear(96, 576, 1, 3)
+    x = torch.randn(9, 576, generator=torch.Generator().manual_seed(5)).bfloat16()
+    together = lin(x)
+    for i in (0, 4, 8):
+        assert torch.equal(lin(x[i:i + 1]), together[i:i + 1])
+
+
+@pytest.mark.skipif(not native.int8_head(), reason="no AVX-512 VNNI here (native.int8_matmul runs)")
+@pytest.mark.parametrize(("m", "k"), [(1, 576), (3, 640), (5, 64), (9, 576)])
+def test_int8_head_is_exact_integer_math(m: int, k: int) -> None:
+    """The tiled head: x quantised to int8 per group of 32 (as the int4 kernel does), then exact products
+    with the int8 codes, times the row scales; rows do not depend on their company."""
+    from leanlm.quant.int8 import Int8Linear
+
+    g = torch.Generator().manual_seed(k + m)
+    codes = torch.randint(-127, 128, (96, k), dtype=torch.int8, generator=g)
+    scales = (torch.rand(96, generator=g) / 50).to(torch.bfloat16)
+    x = torch.randn(m, k, generator=g).to(torch.bfloat16)
+    head = Int8Linear(codes.clone(), scales)
+    assert head.tiled
+    xg = x.float().view(m, -1, 32)
+    amax = xg.abs().amax(-1, keepdim=True)
+    xq = (torch.round(xg * (torch.full_like(amax, 127) / amax)) * (amax / 127)).view(m, k)
+    ref = reference(xq, codes, scales)
+    got = head(x)
+    scale = (xq.double().abs() @ codes.double().abs().T) * scales.double()
+    assert got.dtype == torch.float32 and ((got.double() - ref).abs() / scale).max().item() < 1e-6
+    assert torch.equal(head(x[-1:]), got[-1:])

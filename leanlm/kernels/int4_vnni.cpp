@@ -11,24 +11,21 @@
  * which is exactly x' W^T for x' = dx * xq (with the exact sum of x in the second term the error would be
  * s * sum q (x' - x), codes 0..15 not cancelling: twice as large).
  *
- * `vpdpbusd` multiplies 64 unsigned codes by 64 signed xq and adds each 4 adjacent products into one of 16
- * 32-bit lanes. Blocks of 16 groups are interleaved so that lane l always belongs to group l: vector i
- * (i = 0..7) of a block holds, in lane l, positions 4i..4i+3 of group l. Eight dpbusd then leave each
- * group's whole sum in its own lane, and one multiply by the 16 groups' s * dx finishes the block.
- * Worked example: code (group 5, position 13) of a block is in vector 3 (13 / 4), lane 5, byte 1 (13 % 4),
- * i.e. byte 4 * 5 + 1 = 21 of vector 3. xq is interleaved the same way when it is quantised.
- * Packing: vectors 2t and 2t + 1 share 64 bytes, 2t in the low nibbles, so a block is 256 bytes.
- * Groups after the last whole block (K = 576: groups 16, 17) are in chunks of two groups in natural order,
- * 32 bytes: byte j holds code j in its low nibble and code 32 + j in its high nibble; a permute then
- * spreads the two groups' scales over lanes 0-7 and 8-15.
+ * Layout: outputs in tiles of 16, one per 32-bit lane. `vpdpbusd` multiplies 64 unsigned codes by 64 signed
+ * bytes and adds each 4 adjacent products into one of 16 lanes; with 4 activations broadcast to every lane,
+ * lane l gets output l's 4-term dot product. So vector i (i = 0..7) of group g of a tile holds, in lane l,
+ * the codes of output 16 t + l at k = 32 g + 4 i .. 32 g + 4 i + 3; eight dpbusd finish a group for 16
+ * outputs, and one FMA per row applies the group's 16 scales. No horizontal sums, any K % 32 == 0.
+ * Worked example: the code of output n = 37, k = 77 is in tile 2 (37 / 16), lane 5 (37 % 16), group 2
+ * (77 / 32), vector 3 ((77 % 32) / 4), byte 1 (77 % 4): byte 4 * 5 + 1 = 21 of that vector.
+ * Packing: vectors 2t and 2t + 1 share 64 bytes, 2t in the low nibbles, so a group of a tile is 256 bytes and
+ * a tile is 8 K bytes; its scales and minimums are (G, 16) fp16, group-major.
  */
 #include <torch/library.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 
-#include <algorithm>
-#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -36,178 +33,119 @@
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 #include <immintrin.h>
 
+#include "vnni.h"
+
 namespace {
 
-inline __m512 f16x16(const uint16_t *p, __mmask16 m) {  // 16 fp16 (masked) -> fp32
-    return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p));
-}
+using vnni::bcast4;
+using vnni::f16x16;
 
-inline __m512 load16(const float *p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const at::BFloat16 *p) {  // bf16 -> fp32: the high half of each float
-    __m256i h = _mm256_loadu_si256((const __m256i *)p);
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-
-// x (M, K) fp32 or bf16 -> xq (M, K) int8 in the interleaved order (see top), dx and sx = dx * sum xq (M, Gp)
-// per group, Gp = groups rounded up to 16 (zero padded).
-template <typename T>
-void quantize(const T *x, int64_t M, int64_t K, int64_t Gp, int8_t *xq, float *dx, float *sx) {
-    const int64_t G = K / 32, full = G / 16 * 16;
-    thread_local std::vector<int8_t> nat;
-    nat.resize(K);
-    for (int64_t m = 0; m < M; m++) {
-        for (int64_t g = 0; g < Gp; g++) {
-            float *d = dx + m * Gp + g, *s = sx + m * Gp + g;
-            if (g >= G) {
-                *d = *s = 0.0f;
-                continue;
-            }
-            const T *xr = x + m * K + g * 32;
-            __m512 a = load16(xr), b = load16(xr + 16);
-            float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
-            *d = amax / 127.0f;
-            const float inv = amax > 0 ? 127.0f / amax : 0.0f;
-            __m512i qa = _mm512_cvtps_epi32(_mm512_mul_ps(a, _mm512_set1_ps(inv)));  // round to nearest
-            __m512i qb = _mm512_cvtps_epi32(_mm512_mul_ps(b, _mm512_set1_ps(inv)));
-            *s = *d * (float)_mm512_reduce_add_epi32(_mm512_add_epi32(qa, qb));
-            _mm_storeu_si128((__m128i *)(nat.data() + g * 32), _mm512_cvtsepi32_epi8(qa));
-            _mm_storeu_si128((__m128i *)(nat.data() + g * 32 + 16), _mm512_cvtsepi32_epi8(qb));
-        }
-        int8_t *out = xq + m * K;
-        for (int64_t gb = 0; gb < full; gb += 16)  // 4-byte words: word (l, i) of the block -> (i, l)
-            for (int i = 0; i < 8; i++)
-                for (int l = 0; l < 16; l++)
-                    std::memcpy(out + gb * 32 + (i * 16 + l) * 4, nat.data() + (gb + l) * 32 + i * 4, 4);
-        std::memcpy(out + full * 32, nat.data() + full * 32, (size_t)(K - full * 32));
-    }
-}
-
-// Outputs n0..n1 of rows m0..m0+R-1 of y (M, N) = x W^T. R is a compile-time count so that the
-// accumulators stay in registers; two integer sums per row halve the dpbusd dependency chain.
-template <int R>
+// Tiles t .. t + NT - 1 (outputs 16 t .. 16 (t + NT) - 1) for rows m0 .. m0 + R - 1 of y (M, N). R and NT
+// are compile-time counts so the accumulators stay in registers; with NT = 2 each broadcast activation
+// feeds two dpbusd. Every row is computed by the same instructions whatever R and NT are, so results do
+// not depend on how many rows come along.
+template <int R, int NT>
 void tile(const int8_t *xq, const float *dx, const float *sx, const uint8_t *w, const uint16_t *sc,
-          const uint16_t *mn, float *y, int64_t N, int64_t K, int64_t Gp, int64_t m0, int64_t n0, int64_t n1) {
-    const int64_t G = K / 32, full = G / 16 * 16;
+          const uint16_t *mn, float *y, int64_t N, int64_t K, int64_t m0, int64_t t) {
+    const int64_t G = K / 32;
     const __m512i low4 = _mm512_set1_epi8(0x0F);
-    __m512i spread[8];  // tail chunk c: lanes 0-7 take group 2c, lanes 8-15 group 2c + 1
-    for (int c = 0; c < 8; c++)
-        spread[c] = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_set1_epi32(2 * c)), _mm256_set1_epi32(2 * c + 1), 1);
-    for (int64_t n = n0; n < n1; n++) {
-        const uint8_t *wr = w + n * (K / 2);
-        const uint16_t *sr = sc + n * G, *mr = mn + n * G;
-        __m512 acc[R];
+    __m512 acc[R][NT];
+#pragma GCC unroll 8
+    for (int j = 0; j < R; j++)
+        for (int u = 0; u < NT; u++) acc[j][u] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < G; g++) {
+        __m512i isum[R][NT];
+#pragma GCC unroll 8
+        for (int j = 0; j < R; j++)
+            for (int u = 0; u < NT; u++) isum[j][u] = _mm512_setzero_si512();
 #pragma GCC unroll 4
-        for (int j = 0; j < R; j++) acc[j] = _mm512_setzero_ps();
-        for (int64_t gb = 0; gb < full; gb += 16) {  // whole blocks of 16 groups, 256 bytes each
-            const uint8_t *blk = wr + gb * 16;
-            __m512i isum[R][2];
-#pragma GCC unroll 4
-            for (int j = 0; j < R; j++) isum[j][0] = isum[j][1] = _mm512_setzero_si512();
-#pragma GCC unroll 4
-            for (int t = 0; t < 4; t++) {
-                const __m512i v = _mm512_loadu_si512((const void *)(blk + t * 64));
-                const __m512i q0 = _mm512_and_si512(v, low4), q1 = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
-#pragma GCC unroll 4
-                for (int j = 0; j < R; j++) {
-                    const int8_t *xr = xq + (m0 + j) * K + gb * 32 + t * 128;
-                    isum[j][0] = _mm512_dpbusd_epi32(isum[j][0], q0, _mm512_loadu_si512((const void *)xr));
-                    isum[j][1] = _mm512_dpbusd_epi32(isum[j][1], q1, _mm512_loadu_si512((const void *)(xr + 64)));
-                }
+        for (int h = 0; h < 4; h++) {  // vectors 2h (low nibbles) and 2h + 1 (high nibbles)
+            __m512i q0[NT], q1[NT];
+#pragma GCC unroll 2
+            for (int u = 0; u < NT; u++) {
+                const __m512i v = _mm512_loadu_si512((const void *)(w + (t + u) * 8 * K + g * 256 + h * 64));
+                q0[u] = _mm512_and_si512(v, low4), q1[u] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
             }
-            const __m512 s16 = f16x16(sr + gb, 0xFFFF), b16 = f16x16(mr + gb, 0xFFFF);
 #pragma GCC unroll 4
             for (int j = 0; j < R; j++) {
-                const __m512 dsum = _mm512_cvtepi32_ps(_mm512_add_epi32(isum[j][0], isum[j][1]));
-                acc[j] = _mm512_fmadd_ps(dsum, _mm512_mul_ps(s16, _mm512_loadu_ps(dx + (m0 + j) * Gp + gb)), acc[j]);
-                acc[j] = _mm512_fmadd_ps(b16, _mm512_loadu_ps(sx + (m0 + j) * Gp + gb), acc[j]);
+                const int8_t *xr = xq + (m0 + j) * K + g * 32 + h * 8;
+                const __m512i x0 = bcast4(xr), x1 = bcast4(xr + 4);
+#pragma GCC unroll 2
+                for (int u = 0; u < NT; u++)
+                    isum[j][u] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(isum[j][u], q0[u], x0), q1[u], x1);
             }
         }
-        if (full < G) {  // the tail: chunks of two groups in natural order
-            const __mmask16 gm = (__mmask16)((1u << (G - full)) - 1);
-            const __m512 s16 = f16x16(sr + full, gm), b16 = f16x16(mr + full, gm);
-            __m512 p16[R];
+#pragma GCC unroll 2
+        for (int u = 0; u < NT; u++) {
+            const __m512 s16 = f16x16(sc + (t + u) * 16 * G + g * 16), b16 = f16x16(mn + (t + u) * 16 * G + g * 16);
 #pragma GCC unroll 4
             for (int j = 0; j < R; j++) {
-                p16[j] = _mm512_mul_ps(s16, _mm512_loadu_ps(dx + (m0 + j) * Gp + full));
-                acc[j] = _mm512_fmadd_ps(b16, _mm512_loadu_ps(sx + (m0 + j) * Gp + full), acc[j]);
-            }
-            for (int64_t c = 0; c < (G - full) / 2; c++) {
-                const __m256i v = _mm256_loadu_si256((const __m256i *)(wr + full * 16 + c * 32));
-                const __m256i l4 = _mm256_set1_epi8(0x0F);
-                const __m512i q = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(v, l4)),
-                                                     _mm256_and_si256(_mm256_srli_epi16(v, 4), l4), 1);
-#pragma GCC unroll 4
-                for (int j = 0; j < R; j++) {
-                    const __m512i xv = _mm512_loadu_si512((const void *)(xq + (m0 + j) * K + full * 32 + c * 64));
-                    const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q, xv);
-                    acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_permutexvar_ps(spread[c], p16[j]), acc[j]);
-                }
+                const __m512 dsum = _mm512_cvtepi32_ps(isum[j][u]);
+                acc[j][u] = _mm512_fmadd_ps(dsum, _mm512_mul_ps(s16, _mm512_set1_ps(dx[(m0 + j) * G + g])), acc[j][u]);
+                acc[j][u] = _mm512_fmadd_ps(b16, _mm512_set1_ps(sx[(m0 + j) * G + g]), acc[j][u]);
             }
         }
-#pragma GCC unroll 4
-        for (int j = 0; j < R; j++) y[(m0 + j) * N + n] = _mm512_reduce_add_ps(acc[j]);
     }
+#pragma GCC unroll 8
+    for (int j = 0; j < R; j++)
+        for (int u = 0; u < NT; u++) _mm512_storeu_ps(y + (m0 + j) * N + (t + u) * 16, acc[j][u]);
 }
 
+template <int NT>
 void rows(const int8_t *xq, const float *dx, const float *sx, const uint8_t *w, const uint16_t *sc,
-          const uint16_t *mn, float *y, int64_t M, int64_t N, int64_t K, int64_t Gp, int64_t n0, int64_t n1) {
+          const uint16_t *mn, float *y, int64_t M, int64_t N, int64_t K, int64_t t) {
     int64_t m0 = 0;
-    for (; M - m0 >= 4; m0 += 4) tile<4>(xq, dx, sx, w, sc, mn, y, N, K, Gp, m0, n0, n1);
+    for (; M - m0 >= 4; m0 += 4) tile<4, NT>(xq, dx, sx, w, sc, mn, y, N, K, m0, t);
     switch (M - m0) {
-        case 3: tile<3>(xq, dx, sx, w, sc, mn, y, N, K, Gp, m0, n0, n1); break;
-        case 2: tile<2>(xq, dx, sx, w, sc, mn, y, N, K, Gp, m0, n0, n1); break;
-        case 1: tile<1>(xq, dx, sx, w, sc, mn, y, N, K, Gp, m0, n0, n1); break;
+        case 3: tile<3, NT>(xq, dx, sx, w, sc, mn, y, N, K, m0, t); break;
+        case 2: tile<2, NT>(xq, dx, sx, w, sc, mn, y, N, K, m0, t); break;
+        case 1: tile<1, NT>(xq, dx, sx, w, sc, mn, y, N, K, m0, t); break;
         default: break;
     }
 }
 
-// Row `wr`'s K codes in natural order (the inverse of the layout at the top).
-void unpack_row(const uint8_t *wr, int64_t K, int64_t full, uint8_t *out) {
-    const __m512i low4 = _mm512_set1_epi8(0x0F);
-    alignas(64) uint8_t vec[512];
-    for (int64_t gb = 0; gb < full; gb += 16) {
-        for (int t = 0; t < 4; t++) {
-            const __m512i v = _mm512_loadu_si512((const void *)(wr + gb * 16 + t * 64));
-            _mm512_store_si512((void *)(vec + 2 * t * 64), _mm512_and_si512(v, low4));
-            _mm512_store_si512((void *)(vec + (2 * t + 1) * 64), _mm512_and_si512(_mm512_srli_epi16(v, 4), low4));
+// Pairs of tiles p0 .. p1 - 1 (the last one single when N / 16 is odd). Both tiles of a pair share each
+// broadcast activation from 5 rows on; for fewer rows one tile at a time measured faster (bench/NOTES.md).
+void tiles(const int8_t *xq, const float *dx, const float *sx, const uint8_t *w, const uint16_t *sc,
+           const uint16_t *mn, float *y, int64_t M, int64_t N, int64_t K, int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; p++) {
+        if (M > 4 && 2 * p + 1 < N / 16) {
+            rows<2>(xq, dx, sx, w, sc, mn, y, M, N, K, 2 * p);
+        } else {
+            rows<1>(xq, dx, sx, w, sc, mn, y, M, N, K, 2 * p);
+            if (2 * p + 1 < N / 16) rows<1>(xq, dx, sx, w, sc, mn, y, M, N, K, 2 * p + 1);
         }
-        for (int i = 0; i < 8; i++)  // word (i, l) of the vectors -> word (l, i) of the 16 groups
-            for (int l = 0; l < 16; l++) std::memcpy(out + (gb + l) * 32 + i * 4, vec + i * 64 + l * 4, 4);
     }
-    for (int64_t k = full * 32; k < K; k += 64) {
-        const uint8_t *src = wr + k / 2;
-        for (int e = 0; e < 32; e++) out[k + e] = src[e] & 15, out[k + 32 + e] = src[e] >> 4;
-    }
+}
+
+// The codes of tile t, group g as codes[16][32] (output lane, k within the group): the layout's inverse.
+void unpack_group(const uint8_t *wg, uint8_t codes[16][32]) {
+    for (int h = 0; h < 4; h++)
+        for (int l = 0; l < 16; l++)
+            for (int c = 0; c < 4; c++) {
+                const uint8_t b = wg[h * 64 + l * 4 + c];
+                codes[l][8 * h + c] = b & 15;
+                codes[l][8 * h + 4 + c] = b >> 4;
+            }
 }
 
 }  // namespace
 
-// x (M, K) float, w (N, K / 2) uint8, scales and mins (N, K / 32) fp16 -> (M, N) in x's dtype (fp32 sums,
-// rounded once here: a cast left to the caller could be elided inside a compiled graph's fused loops, and
-// differently for one token than for a block, which would break speculative decoding's exactness). K % 64 == 0.
+// x (M, K) float, w (N, K / 2) uint8, scales and mins (N, K / 32) fp16 (tiles of 16 outputs, see the top)
+// -> (M, N) in x's dtype (fp32 sums, rounded once here: a cast left to the caller could be elided inside a
+// compiled graph's fused loops, and differently for one token than for a block, which would break
+// speculative decoding's exactness). K % 32 == 0, N % 16 == 0.
 at::Tensor int4_mm(const at::Tensor &x, const at::Tensor &w, const at::Tensor &scales, const at::Tensor &mins) {
-    const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
-    TORCH_CHECK(K % 64 == 0 && w.size(1) * 2 == K && scales.size(1) * 32 == K, "int4_mm: bad shapes");
-    const int64_t Gp = (K / 32 + 15) / 16 * 16;
-    thread_local std::vector<int8_t> xq;  // scratch kept between calls (no allocation per call)
-    thread_local std::vector<float> dx, sx;
-    xq.resize(M * K), dx.resize(M * Gp), sx.resize(M * Gp);
-    if (x.scalar_type() == at::kBFloat16 && x.is_contiguous()) {
-        quantize(x.const_data_ptr<at::BFloat16>(), M, K, Gp, xq.data(), dx.data(), sx.data());
-    } else {
-        at::Tensor xf = x.to(at::kFloat).contiguous();
-        quantize(xf.const_data_ptr<float>(), M, K, Gp, xq.data(), dx.data(), sx.data());
-    }
+    const int64_t M = x.size(0), K = x.size(1), N = w.size(0), G = K / 32;
+    TORCH_CHECK(K % 32 == 0 && N % 16 == 0 && w.size(1) * 2 == K && scales.size(1) == G, "int4_mm: bad shapes");
+    const vnni::Quantized q = vnni::quantize_input(x, false);
     at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
     const uint8_t *wp = w.data_ptr<uint8_t>();
     const auto *sp = reinterpret_cast<const uint16_t *>(scales.data_ptr());
     const auto *mp = reinterpret_cast<const uint16_t *>(mins.data_ptr());
     float *yp = y.data_ptr<float>();
-    // pointers, not the thread_local names: inside the lambda those would name each worker's own (empty) copy
-    const int8_t *xqp = xq.data();
-    const float *dxp = dx.data(), *sxp = sx.data();
-    at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-        rows(xqp, dxp, sxp, wp, sp, mp, yp, M, N, K, Gp, n0, n1);
+    at::parallel_for(0, (N / 16 + 1) / 2, 1, [&](int64_t p0, int64_t p1) {
+        tiles(q.xq, q.dx, q.sx, wp, sp, mp, yp, M, N, K, p0, p1);
     });
     return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
 }
@@ -215,29 +153,32 @@ at::Tensor int4_mm(const at::Tensor &x, const at::Tensor &w, const at::Tensor &s
 // The dense weight (N, K / P) in bf16 for prefill's matmul: planes p = 0..P-1 of each group of 32 inputs sit
 // side by side along K (quant/int4.py, Int4Parts) and are summed in fp32, then rounded once.
 at::Tensor int4_dense(const at::Tensor &w, const at::Tensor &scales, const at::Tensor &mins, int64_t P) {
-    const int64_t N = w.size(0), K = w.size(1) * 2, G = K / 32, Ko = K / P, full = G / 16 * 16;
-    TORCH_CHECK(K % 64 == 0 && G % P == 0, "int4_dense: bad shapes");
+    const int64_t N = w.size(0), K = w.size(1) * 2, G = K / 32, Ko = K / P;
+    TORCH_CHECK(K % 32 == 0 && N % 16 == 0 && G % P == 0, "int4_dense: bad shapes");
     at::Tensor out = at::empty({N, Ko}, w.options().dtype(at::kBFloat16));
     const uint8_t *wp = w.data_ptr<uint8_t>();
     const auto *sp = reinterpret_cast<const uint16_t *>(scales.data_ptr());
     const auto *mp = reinterpret_cast<const uint16_t *>(mins.data_ptr());
     auto *op = reinterpret_cast<uint16_t *>(out.data_ptr());
-    at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-        std::vector<float> row(Ko);
-        std::vector<uint8_t> codes(K);
-        for (int64_t n = n0; n < n1; n++) {
-            std::fill(row.begin(), row.end(), 0.0f);
-            unpack_row(wp + n * (K / 2), K, full, codes.data());
+    at::parallel_for(0, N / 16, 1, [&](int64_t t0, int64_t t1) {
+        std::vector<float> rows(16 * Ko);
+        alignas(64) uint8_t codes[16][32];
+        for (int64_t t = t0; t < t1; t++) {
+            std::fill(rows.begin(), rows.end(), 0.0f);
             for (int64_t g = 0; g < G; g++) {  // group g: plane g % P of input group g / P
-                const __m512 s = _mm512_set1_ps(_cvtsh_ss(sp[n * G + g])), b = _mm512_set1_ps(_cvtsh_ss(mp[n * G + g]));
-                float *dst = row.data() + (g / P) * 32;
-                for (int h = 0; h < 32; h += 16) {
-                    const __m512 q = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(codes.data() + g * 32 + h))));
-                    _mm512_storeu_ps(dst + h, _mm512_add_ps(_mm512_loadu_ps(dst + h), _mm512_fmadd_ps(q, s, b)));
+                unpack_group(wp + t * 8 * K + g * 256, codes);
+                const uint16_t *st = sp + t * 16 * G + g * 16, *bt = mp + t * 16 * G + g * 16;
+                for (int l = 0; l < 16; l++) {
+                    const __m512 s = _mm512_set1_ps(_cvtsh_ss(st[l])), b = _mm512_set1_ps(_cvtsh_ss(bt[l]));
+                    float *dst = rows.data() + l * Ko + (g / P) * 32;
+                    for (int h = 0; h < 32; h += 16) {
+                        const __m512 q = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(codes[l] + h))));
+                        _mm512_storeu_ps(dst + h, _mm512_add_ps(_mm512_loadu_ps(dst + h), _mm512_fmadd_ps(q, s, b)));
+                    }
                 }
             }
-            for (int64_t k = 0; k < Ko; k += 16)
-                _mm256_storeu_si256((__m256i *)(op + n * Ko + k), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(row.data() + k)));
+            for (int64_t i = 0; i < 16 * Ko; i += 16)
+                _mm256_storeu_si256((__m256i *)(op + t * 16 * Ko + i), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(rows.data() + i)));
         }
     });
     return out;

@@ -173,12 +173,14 @@ def _swap_int8_head(f: GGUFFile, model: Transformer, state: dict[str, torch.Tens
 
     codes, scales = quantize_rows(n_rows, rows)
     done = {head}
-    if head == "token_embd.weight":
+    if head == "token_embd.weight" and "output.weight" in f.tensors:  # untied head that stayed dense
         model.tok_embeddings = Int8Embedding(codes, scales, dtype)
+    else:
+        model.output = Int8Linear(codes, scales)
+        state.update({f"output.{k}": v for k, v in model.output.state_dict().items()})
+        if head == "token_embd.weight":
+            model.tok_embeddings = Int8Embedding.tied(model.output, dtype)
+    if head == "token_embd.weight":
         state.update({f"tok_embeddings.{k}": v for k, v in model.tok_embeddings.state_dict().items()})
-        if "output.weight" in f.tensors:  # untied head that stayed dense: left to the normal path
-            return done
-    model.output = Int8Linear(codes, scales)
-    state.update({f"output.{k}": v for k, v in model.output.state_dict().items()})
     return done
 

@@ -67,21 +67,29 @@ class Int4Parts:
 
 
 def vnni_pack(q: torch.Tensor) -> torch.Tensor:
-    """Codes (N, K) in 0..15, K % 64 == 0 -> (N, K / 2) uint8 in kernels/int4_vnni.cpp's layout: blocks of
-    16 groups of 32 interleaved 4 codes at a time (vector i, lane l = codes 4i..4i+3 of group l), vectors
-    2t and 2t + 1 in the low and high nibbles of 64 bytes; then the groups after the last whole block as
-    chunks of two groups, the second in the high nibbles."""
+    """Codes (N, K) in 0..15, N % 16 == 0, K % 32 == 0 -> (N, K / 2) uint8 in kernels/int4_vnni.cpp's layout:
+    tiles of 16 outputs, each 8 K contiguous bytes: per group of 32 inputs, 8 vectors whose lane l holds
+    4 consecutive codes of output l (vector i: inputs 4i..4i+3), vectors 2h and 2h + 1 in the low and high
+    nibbles of 64 bytes."""
     N, K = q.shape
-    q = q.to(torch.uint8)
-    full = K // GROUP // 16 * 16
-    blk = q[:, :full * GROUP].reshape(N, -1, 16, 8, 4).transpose(2, 3).reshape(N, -1, 4, 2, 64)  # (N, b, t, lo/hi, 64)
-    tail = q[:, full * GROUP:].reshape(N, -1, 2, 32)
-    return torch.cat([(blk[:, :, :, 0] | blk[:, :, :, 1] << 4).reshape(N, -1),
-                      (tail[:, :, 0] | tail[:, :, 1] << 4).reshape(N, -1)], 1).contiguous()
+    v = q.to(torch.uint8).view(N // 16, 16, K // 32, 8, 4).permute(0, 2, 3, 1, 4)  # (tile, g, i, lane, 4)
+    v = v.reshape(N // 16, K // 32, 4, 2, 64)  # (tile, g, h, low/high, 64 bytes)
+    return (v[:, :, :, 0] | v[:, :, :, 1] << 4).reshape(N, K // 2).contiguous()
+
+
+def vnni_scales(s: torch.Tensor) -> torch.Tensor:
+    """Per-group values (N, G) -> fp16 (N, G) laid out per tile of 16 outputs as (G, 16), as the kernel reads them."""
+    N, G = s.shape
+    return s.to(torch.float16).view(N // 16, 16, G).transpose(1, 2).reshape(N, G).contiguous()
+
+
+def _pad16(t: torch.Tensor) -> torch.Tensor:
+    """Zero rows up to a multiple of 16 (the kernel's tile); their outputs are dropped."""
+    return F.pad(t, (0, 0, 0, -t.shape[0] % 16))
 
 
 def _vnni_fits(parts: Int4Parts) -> bool:
-    return (parts.q.device.type == "cpu" and parts.q.shape[1] % 64 == 0 and parts.g == GROUP
+    return (parts.q.device.type == "cpu" and parts.q.shape[1] % GROUP == 0 and parts.g == GROUP
             and all(m == 1.0 for m in parts.mults) and native.int4_vnni())
 
 
@@ -97,9 +105,9 @@ class Int4Linear(nn.Module):
         self.register_buffer("bias", bias.to(torch.bfloat16) if bias is not None else None)
         if _vnni_fits(parts):
             self.planes = len(parts.mults)  # the input is repeated per group, once per plane
-            self.register_buffer("w4", vnni_pack(parts.q))
-            self.register_buffer("scales", parts.scale.to(torch.float16).contiguous())
-            self.register_buffer("mins", (parts.zero.float() - 8 * parts.scale.float()).to(torch.float16).contiguous())
+            self.register_buffer("w4", vnni_pack(_pad16(parts.q)))
+            self.register_buffer("scales", vnni_scales(_pad16(parts.scale.float())))
+            self.register_buffer("mins", vnni_scales(_pad16(parts.zero.float() - 8 * parts.scale.float())))
             return
         self.planes = 0  # PyTorch's layout
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(parts.q.int().contiguous(), 1)
@@ -116,7 +124,7 @@ class Int4Linear(nn.Module):
         module's rows are a multiple of 64."""
         first = mods[0]
         if first.planes:  # our layout: rows are independent
-            if any(m.planes != first.planes or m.in_features != first.in_features
+            if any(m.planes != first.planes or m.in_features != first.in_features or m.out_features % 16
                    or (m.bias is None) != (first.bias is None) for m in mods):
                 return None
             new = Int4Linear.__new__(Int4Linear)
@@ -165,15 +173,17 @@ class Int4Linear(nn.Module):
             return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
         if self.planes > 1:  # (M, K/32, P, 32): each group of inputs once per plane
             xf = xf.view(M, -1, 1, GROUP).expand(M, -1, self.planes, GROUP).reshape(M, -1)
-        y = torch.ops.leanlm_native.int4_mm(xf, self.w4, self.scales, self.mins)  # (M, N) in x's dtype
+        y = torch.ops.leanlm_native.int4_mm(xf, self.w4, self.scales, self.mins)  # (M, N16) in x's dtype
+        if y.shape[1] != self.out_features:  # rows padded to the kernel's tile of 16
+            y = y[:, :self.out_features]
         if self.bias is not None:
             y = y + self.bias
-        return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
+        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def dense_bf16(self) -> torch.Tensor | None:
         """A temporary dense bf16 copy of the weight (N, K), from our C kernels (None without them)."""
         if self.planes:
-            return torch.ops.leanlm_native.int4_dense(self.w4, self.scales, self.mins, self.planes)
+            return torch.ops.leanlm_native.int4_dense(self.w4, self.scales, self.mins, self.planes)[:self.out_features]
         return int4_dense(self.packed, self.scales_zeros, self.mults, self.g, self.out_features, self.packed_k)
 
     @property

@@ -1,0 +1,74 @@
+/* What the VNNI weight kernels share (int4_vnni.cpp, int8_head.cpp): activations quantised to int8 per group
+ * of 32 as llama.cpp's Q8_0 does, and small vector helpers. Included by .cpp files after <immintrin.h>. */
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace vnni {
+
+inline __m512 f16x16(const uint16_t *p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p)); }
+
+inline __m512 load16(const float *p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const at::BFloat16 *p) {  // bf16 -> fp32: the high half of each float
+    __m256i h = _mm256_loadu_si256((const __m256i *)p);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+inline __m512i bcast4(const int8_t *p) {  // 4 activations to every lane
+    int32_t v;
+    std::memcpy(&v, p, 4);
+    return _mm512_set1_epi32(v);
+}
+
+// x (M, K) fp32 or bf16 -> xq (M, K) int8 with dx = max|x| / 127 per group of 32 (M, G), and per group
+// sx = dx * sum xq (for zero points) or, where qs is given, the integer sum itself.
+template <typename T>
+void quantize(const T *x, int64_t M, int64_t K, int8_t *xq, float *dx, float *sx, int32_t *qs) {
+    const int64_t G = K / 32;
+    for (int64_t m = 0; m < M; m++) {
+        for (int64_t g = 0; g < G; g++) {
+            const T *xr = x + m * K + g * 32;
+            __m512 a = load16(xr), b = load16(xr + 16);
+            float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
+            const float d = amax / 127.0f, inv = amax > 0 ? 127.0f / amax : 0.0f;
+            __m512i qa = _mm512_cvtps_epi32(_mm512_mul_ps(a, _mm512_set1_ps(inv)));  // round to nearest
+            __m512i qb = _mm512_cvtps_epi32(_mm512_mul_ps(b, _mm512_set1_ps(inv)));
+            const int32_t sum = _mm512_reduce_add_epi32(_mm512_add_epi32(qa, qb));
+            dx[m * G + g] = d;
+            if (qs != nullptr) qs[m * G + g] = sum;
+            else sx[m * G + g] = d * (float)sum;
+            _mm_storeu_si128((__m128i *)(xq + m * K + g * 32), _mm512_cvtsepi32_epi8(qa));
+            _mm_storeu_si128((__m128i *)(xq + m * K + g * 32 + 16), _mm512_cvtsepi32_epi8(qb));
+        }
+    }
+}
+
+// The quantised x of a call, in buffers kept per thread between calls (no allocation per call).
+struct Quantized {
+    const int8_t *xq;
+    const float *dx, *sx;
+    const int32_t *qs;
+};
+
+inline Quantized quantize_input(const at::Tensor &x, bool integer_sums) {
+    const int64_t M = x.size(0), K = x.size(1), G = K / 32;
+    thread_local std::vector<int8_t> xq;
+    thread_local std::vector<float> dx, sx;
+    thread_local std::vector<int32_t> qs;
+    xq.resize(M * K), dx.resize(M * G), sx.resize(integer_sums ? 0 : M * G), qs.resize(integer_sums ? M * G : 0);
+    float *sxp = integer_sums ? nullptr : sx.data();
+    int32_t *qsp = integer_sums ? qs.data() : nullptr;
+    if (x.scalar_type() == at::kBFloat16 && x.is_contiguous()) {
+        quantize(x.const_data_ptr<at::BFloat16>(), M, K, xq.data(), dx.data(), sxp, qsp);
+    } else {
+        at::Tensor xf = x.to(at::kFloat).contiguous();
+        quantize(xf.const_data_ptr<float>(), M, K, xq.data(), dx.data(), sxp, qsp);
+    }
+    return {xq.data(), dx.data(), sxp, qsp};  // pointers: a worker thread's thread_local would be its own copy
+}
+
+}  // namespace vnni
