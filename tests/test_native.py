@@ -88,31 +88,34 @@ def test_int4_vnni_is_used_where_the_cpu_has_it() -> None:
     assert native.int4_vnni() == (" avx512_vnni" in flags and " avx512bw" in flags)
 
 
-def _vnni_linear(n: int, k: int, planes: int, seed: int):  # noqa: ANN202
+def _vnni_linear(n: int, k: int, planes: int, seed: int, bits: int = 4):  # noqa: ANN202
     from leanlm.quant.int4 import Int4Linear, Int4Parts
 
     gen = torch.Generator().manual_seed(seed)
     kp = k * planes
     scale = (torch.rand(n, kp // 32, generator=gen) / 10 + 1e-3).half().float()
     mins = (torch.randn(n, kp // 32, generator=gen) / 10).half().float()
-    parts = Int4Parts(torch.randint(0, 16, (n, kp), generator=gen), scale, mins + 8 * scale, 32, (1.0,) * planes)
+    codes = torch.randint(0, 2**bits, (n, kp), generator=gen)
+    wide = (codes, scale, mins) if bits > 4 else None  # one plane of wider codes (Q5_0, Q8_0...)
+    parts = Int4Parts(codes, scale, mins + 8 * scale, 32, (1.0,) * planes, wide)
     lin = Int4Linear(parts)
-    assert lin.planes == planes  # our layout
+    assert lin.planes == planes and lin.bits == bits  # our layout
     # the weight the kernel holds: q * s + b with fp16 s and b = zero - 8 s (exact here), planes summed
-    w = (parts.q.float().view(n, -1, 32) * scale[..., None] + mins[..., None]).view(n, k // 32, planes, 32)
+    w = (codes.float().view(n, -1, 32) * scale[..., None] + mins[..., None]).view(n, k // 32, planes, 32)
     return lin, w.sum(2).reshape(n, k)
 
 
 # n: whole tiles of 16 outputs and padded ones; k: 1 to 20 groups; m: the 4-row tiles and their tails
 @needs_vnni
-@pytest.mark.parametrize(("n", "k", "planes"), [(48, 512, 1), (40, 576, 1), (24, 640, 1), (16, 32, 1), (7, 96, 1),
-                                               (32, 576, 2)])
+@pytest.mark.parametrize(("n", "k", "planes", "bits"), [(48, 512, 1, 4), (40, 576, 1, 4), (24, 640, 1, 4),
+                                                       (16, 32, 1, 4), (7, 96, 1, 4), (32, 576, 2, 4),
+                                                       (48, 576, 1, 5), (40, 96, 1, 6), (32, 640, 1, 8)])
 @pytest.mark.parametrize("m", [1, 3, 4, 7])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_int4_vnni_is_exact_integer_math(n: int, k: int, planes: int, m: int, dtype: torch.dtype) -> None:
+def test_int4_vnni_is_exact_integer_math(n: int, k: int, planes: int, bits: int, m: int, dtype: torch.dtype) -> None:
     """x quantised to int8 per group of 32 (x' = round(x * 127 / amax) * amax / 127), then x' W^T exactly;
-    bf16 activations are read as they are (no copy)."""
-    lin, w = _vnni_linear(n, k, planes, n + k + m)
+    bf16 activations are read as they are (no copy). Codes of 4 bits, or 5 to 8 (extra bit planes)."""
+    lin, w = _vnni_linear(n, k, planes, n + k + m, bits)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(dtype)
     xg = x.float().view(m, -1, 32)
     amax = xg.abs().amax(-1, keepdim=True)
@@ -164,6 +167,22 @@ def test_attention_operator_is_the_reference_math(dtype: torch.dtype, B: int, H:
     assert ((got.float() - ref).abs() <= tol * (1 + ref.abs())).all()
     last = torch.ops.leanlm_native.attend(q[:, :, -1:], k, v, mask[:, :, -1:], 0.125)
     assert torch.equal(last, got[:, :, -1:])
+
+
+@needs_vnni
+@pytest.mark.parametrize("bits", [4, 5, 8])
+def test_int4_vnni_layout_unpacks_and_widens(bits: int) -> None:
+    """The layout's inverse gives the codes back; modules of different widths fuse into the widest."""
+    from leanlm.quant.int4 import Int4Linear, vnni_pack, vnni_unpack
+
+    codes = torch.randint(0, 2**bits, (48, 96), generator=torch.Generator().manual_seed(bits))
+    assert torch.equal(vnni_unpack(vnni_pack(codes, bits), 96), codes.to(torch.uint8))
+    a, wa = _vnni_linear(32, 576, 1, 1, bits)
+    b, wb = _vnni_linear(16, 576, 1, 2, 8)
+    both = Int4Linear.cat([a, b])
+    x = torch.randn(3, 576)
+    assert both.bits == 8 and torch.equal(both(x), torch.cat([a(x), b(x)], -1))
+    assert torch.equal(both.dense_bf16(), torch.cat([wa, wb]).to(torch.bfloat16))
 
 
 @needs_vnni

@@ -20,6 +20,9 @@
  * (77 / 32), vector 3 ((77 % 32) / 4), byte 1 (77 % 4): byte 4 * 5 + 1 = 21 of that vector.
  * Packing: vectors 2t and 2t + 1 share 64 bytes, 2t in the low nibbles, so a group of a tile is 256 bytes and
  * a tile is 8 K bytes; its scales and minimums are (G, 16) fp16, group-major.
+ * Wider codes (5 to 8 bits: Q5_0, Q5_1, Q5_K, Q8_0 kept at their own size instead of two 4-bit planes) add H
+ * bit planes after each group's 256 bytes: plane p is 8 masks of 64 bits, mask i bit j = bit 4 + p of byte j
+ * of vector i, set by one masked add of 16 << p. A group is then 256 + 64 H bytes.
  */
 #include <torch/library.h>
 #include <ATen/Parallel.h>
@@ -40,14 +43,31 @@ namespace {
 using vnni::bcast4;
 using vnni::f16x16;
 
+inline uint64_t load_u64(const uint8_t *p) {
+    uint64_t v;
+    std::memcpy(&v, p, 8);
+    return v;
+}
+
+// Bits 4 .. 3 + H of the codes of vectors i and i + 1, from the H bit planes at `planes` (see the top).
+template <int H>
+inline void add_high_bits(const uint8_t *planes, int i, __m512i &q0, __m512i &q1) {
+#pragma GCC unroll 4
+    for (int p = 0; p < H; p++) {
+        const __m512i bit = _mm512_set1_epi8((char)(16 << p));
+        q0 = _mm512_mask_add_epi8(q0, _cvtu64_mask64(load_u64(planes + p * 64 + i * 8)), q0, bit);
+        q1 = _mm512_mask_add_epi8(q1, _cvtu64_mask64(load_u64(planes + p * 64 + (i + 1) * 8)), q1, bit);
+    }
+}
+
 // Tiles t .. t + NT - 1 (outputs 16 t .. 16 (t + NT) - 1) for rows m0 .. m0 + R - 1 of y (M, N). R and NT
 // are compile-time counts so the accumulators stay in registers; with NT = 2 each broadcast activation
 // feeds two dpbusd. Every row is computed by the same instructions whatever R and NT are, so results do
 // not depend on how many rows come along.
-template <int R, int NT>
+template <int R, int NT, int H>
 void tile(const int8_t *xq, const float *dx, const float *sx, const uint8_t *w, const uint16_t *sc,
           const uint16_t *mn, float *y, int64_t N, int64_t K, int64_t m0, int64_t t) {
-    const int64_t G = K / 32;
+    const int64_t G = K / 32, GS = 256 + 64 * H;  // bytes per group of a tile
     const __m512i low4 = _mm512_set1_epi8(0x0F);
     __m512 acc[R][NT];
 #pragma GCC unroll 8
@@ -63,8 +83,10 @@ void tile(const int8_t *xq, const float *dx, const float *sx, const uint8_t *w, 
             __m512i q0[NT], q1[NT];
 #pragma GCC unroll 2
             for (int u = 0; u < NT; u++) {
-                const __m512i v = _mm512_loadu_si512((const void *)(w + (t + u) * 8 * K + g * 256 + h * 64));
+                const uint8_t *wg = w + ((t + u) * G + g) * GS;
+                const __m512i v = _mm512_loadu_si512((const void *)(wg + h * 64));
                 q0[u] = _mm512_and_si512(v, low4), q1[u] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+                add_high_bits<H>(wg + 256, 2 * h, q0[u], q1[u]);
             }
 #pragma GCC unroll 4
             for (int j = 0; j < R; j++) {
@@ -91,35 +113,36 @@ void tile(const int8_t *xq, const float *dx, const float *sx, const uint8_t *w, 
         for (int u = 0; u < NT; u++) _mm512_storeu_ps(y + (m0 + j) * N + (t + u) * 16, acc[j][u]);
 }
 
-template <int NT>
+template <int NT, int H>
 void rows(const int8_t *xq, const float *dx, const float *sx, const uint8_t *w, const uint16_t *sc,
           const uint16_t *mn, float *y, int64_t M, int64_t N, int64_t K, int64_t t) {
     int64_t m0 = 0;
-    for (; M - m0 >= 4; m0 += 4) tile<4, NT>(xq, dx, sx, w, sc, mn, y, N, K, m0, t);
+    for (; M - m0 >= 4; m0 += 4) tile<4, NT, H>(xq, dx, sx, w, sc, mn, y, N, K, m0, t);
     switch (M - m0) {
-        case 3: tile<3, NT>(xq, dx, sx, w, sc, mn, y, N, K, m0, t); break;
-        case 2: tile<2, NT>(xq, dx, sx, w, sc, mn, y, N, K, m0, t); break;
-        case 1: tile<1, NT>(xq, dx, sx, w, sc, mn, y, N, K, m0, t); break;
+        case 3: tile<3, NT, H>(xq, dx, sx, w, sc, mn, y, N, K, m0, t); break;
+        case 2: tile<2, NT, H>(xq, dx, sx, w, sc, mn, y, N, K, m0, t); break;
+        case 1: tile<1, NT, H>(xq, dx, sx, w, sc, mn, y, N, K, m0, t); break;
         default: break;
     }
 }
 
 // Pairs of tiles p0 .. p1 - 1 (the last one single when N / 16 is odd). Both tiles of a pair share each
 // broadcast activation from 5 rows on; for fewer rows one tile at a time measured faster (bench/NOTES.md).
+template <int H>
 void tiles(const int8_t *xq, const float *dx, const float *sx, const uint8_t *w, const uint16_t *sc,
            const uint16_t *mn, float *y, int64_t M, int64_t N, int64_t K, int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; p++) {
         if (M > 4 && 2 * p + 1 < N / 16) {
-            rows<2>(xq, dx, sx, w, sc, mn, y, M, N, K, 2 * p);
+            rows<2, H>(xq, dx, sx, w, sc, mn, y, M, N, K, 2 * p);
         } else {
-            rows<1>(xq, dx, sx, w, sc, mn, y, M, N, K, 2 * p);
-            if (2 * p + 1 < N / 16) rows<1>(xq, dx, sx, w, sc, mn, y, M, N, K, 2 * p + 1);
+            rows<1, H>(xq, dx, sx, w, sc, mn, y, M, N, K, 2 * p);
+            if (2 * p + 1 < N / 16) rows<1, H>(xq, dx, sx, w, sc, mn, y, M, N, K, 2 * p + 1);
         }
     }
 }
 
-// The codes of tile t, group g as codes[16][32] (output lane, k within the group): the layout's inverse.
-void unpack_group(const uint8_t *wg, uint8_t codes[16][32]) {
+// The codes of one group of a tile as codes[16][32] (output lane, k within the group): the layout's inverse.
+void unpack_group(const uint8_t *wg, int H, uint8_t codes[16][32]) {
     for (int h = 0; h < 4; h++)
         for (int l = 0; l < 16; l++)
             for (int c = 0; c < 4; c++) {
@@ -127,17 +150,29 @@ void unpack_group(const uint8_t *wg, uint8_t codes[16][32]) {
                 codes[l][8 * h + c] = b & 15;
                 codes[l][8 * h + 4 + c] = b >> 4;
             }
+    for (int p = 0; p < H; p++)
+        for (int i = 0; i < 8; i++)
+            for (int j = 0; j < 64; j++)  // byte j of vector i: lane j / 4, k = 4 i + j % 4
+                codes[j / 4][4 * i + j % 4] += ((wg[256 + p * 64 + i * 8 + j / 8] >> (j % 8)) & 1) << (4 + p);
+}
+
+// Extra bit planes H of a (N, K) weight stored in `bytes_per_row` bytes per row; -1 if none fits.
+int planes_of(int64_t K, int64_t bytes_per_row) {
+    for (int H = 0; H <= 4; H++)
+        if (bytes_per_row == K / 2 + H * K / 8) return H;
+    return -1;
 }
 
 }  // namespace
 
-// x (M, K) float, w (N, K / 2) uint8, scales and mins (N, K / 32) fp16 (tiles of 16 outputs, see the top)
+// x (M, K) float, w (N, K / 2 + H K / 8) uint8, scales and mins (N, K / 32) fp16 (tiles of 16 outputs, see the top)
 // -> (M, N) in x's dtype (fp32 sums, rounded once here: a cast left to the caller could be elided inside a
 // compiled graph's fused loops, and differently for one token than for a block, which would break
 // speculative decoding's exactness). K % 32 == 0, N % 16 == 0.
 at::Tensor int4_mm(const at::Tensor &x, const at::Tensor &w, const at::Tensor &scales, const at::Tensor &mins) {
     const int64_t M = x.size(0), K = x.size(1), N = w.size(0), G = K / 32;
-    TORCH_CHECK(K % 32 == 0 && N % 16 == 0 && w.size(1) * 2 == K && scales.size(1) == G, "int4_mm: bad shapes");
+    const int H = planes_of(K, w.size(1));
+    TORCH_CHECK(K % 32 == 0 && N % 16 == 0 && H >= 0 && scales.size(1) == G, "int4_mm: bad shapes");
     const vnni::Quantized q = vnni::quantize_input(x, false);
     at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
     const uint8_t *wp = w.data_ptr<uint8_t>();
@@ -145,7 +180,13 @@ at::Tensor int4_mm(const at::Tensor &x, const at::Tensor &w, const at::Tensor &s
     const auto *mp = reinterpret_cast<const uint16_t *>(mins.data_ptr());
     float *yp = y.data_ptr<float>();
     at::parallel_for(0, (N / 16 + 1) / 2, 1, [&](int64_t p0, int64_t p1) {
-        tiles(q.xq, q.dx, q.sx, wp, sp, mp, yp, M, N, K, p0, p1);
+        switch (H) {
+            case 0: tiles<0>(q.xq, q.dx, q.sx, wp, sp, mp, yp, M, N, K, p0, p1); break;
+            case 1: tiles<1>(q.xq, q.dx, q.sx, wp, sp, mp, yp, M, N, K, p0, p1); break;
+            case 2: tiles<2>(q.xq, q.dx, q.sx, wp, sp, mp, yp, M, N, K, p0, p1); break;
+            case 3: tiles<3>(q.xq, q.dx, q.sx, wp, sp, mp, yp, M, N, K, p0, p1); break;
+            default: tiles<4>(q.xq, q.dx, q.sx, wp, sp, mp, yp, M, N, K, p0, p1); break;
+        }
     });
     return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
 }
@@ -153,8 +194,9 @@ at::Tensor int4_mm(const at::Tensor &x, const at::Tensor &w, const at::Tensor &s
 // The dense weight (N, K / P) in bf16 for prefill's matmul: planes p = 0..P-1 of each group of 32 inputs sit
 // side by side along K (quant/int4.py, Int4Parts) and are summed in fp32, then rounded once.
 at::Tensor int4_dense(const at::Tensor &w, const at::Tensor &scales, const at::Tensor &mins, int64_t P) {
-    const int64_t N = w.size(0), K = w.size(1) * 2, G = K / 32, Ko = K / P;
-    TORCH_CHECK(K % 32 == 0 && N % 16 == 0 && G % P == 0, "int4_dense: bad shapes");
+    const int64_t N = w.size(0), G = scales.size(1), K = G * 32, Ko = K / P;
+    const int H = planes_of(K, w.size(1));
+    TORCH_CHECK(N % 16 == 0 && G % P == 0 && H >= 0, "int4_dense: bad shapes");
     at::Tensor out = at::empty({N, Ko}, w.options().dtype(at::kBFloat16));
     const uint8_t *wp = w.data_ptr<uint8_t>();
     const auto *sp = reinterpret_cast<const uint16_t *>(scales.data_ptr());
@@ -166,7 +208,7 @@ at::Tensor int4_dense(const at::Tensor &w, const at::Tensor &scales, const at::T
         for (int64_t t = t0; t < t1; t++) {
             std::fill(rows.begin(), rows.end(), 0.0f);
             for (int64_t g = 0; g < G; g++) {  // group g: plane g % P of input group g / P
-                unpack_group(wp + t * 8 * K + g * 256, codes);
+                unpack_group(wp + (t * G + g) * (256 + 64 * H), H, codes);
                 const uint16_t *st = sp + t * 16 * G + g * 16, *bt = mp + t * 16 * G + g * 16;
                 for (int l = 0; l < 16; l++) {
                     const __m512 s = _mm512_set1_ps(_cvtsh_ss(st[l])), b = _mm512_set1_ps(_cvtsh_ss(bt[l]));

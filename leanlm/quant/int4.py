@@ -57,6 +57,9 @@ class Int4Parts:
     zero: torch.Tensor
     g: int = GROUP
     mults: tuple[float, ...] = (1.0,)
+    # the same weight as one plane of wider codes, w = c * s + b per group of 32 (c (N, K) in 0..255, s and b
+    # (N, K / 32)), for our kernel: 5-8 bit formats then keep their size instead of two 4-bit planes
+    wide: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def dense(self) -> torch.Tensor:
         """fp32 (N, K) weight: the kernel's (q - 8) * scale + zero per group, planes folded back."""
@@ -66,15 +69,35 @@ class Int4Parts:
         return w.sum(2).view(N, -1)
 
 
-def vnni_pack(q: torch.Tensor) -> torch.Tensor:
-    """Codes (N, K) in 0..15, N % 16 == 0, K % 32 == 0 -> (N, K / 2) uint8 in kernels/int4_vnni.cpp's layout:
-    tiles of 16 outputs, each 8 K contiguous bytes: per group of 32 inputs, 8 vectors whose lane l holds
-    4 consecutive codes of output l (vector i: inputs 4i..4i+3), vectors 2h and 2h + 1 in the low and high
-    nibbles of 64 bytes."""
+def vnni_pack(q: torch.Tensor, bits: int = 4) -> torch.Tensor:
+    """Codes (N, K) in 0..2^bits - 1, N % 16 == 0, K % 32 == 0 -> (N, K / 2 + (bits - 4) K / 8) uint8 in
+    kernels/int4_vnni.cpp's layout: tiles of 16 outputs, contiguous; per group of 32 inputs, 8 vectors whose
+    lane l holds 4 consecutive codes of output l (vector i: inputs 4i..4i+3), vectors 2h and 2h + 1 in the low
+    and high nibbles of 64 bytes; then, per bit above the fourth, 8 masks of 64 bits (bit j: byte j)."""
     N, K = q.shape
-    v = q.to(torch.uint8).view(N // 16, 16, K // 32, 8, 4).permute(0, 2, 3, 1, 4)  # (tile, g, i, lane, 4)
-    v = v.reshape(N // 16, K // 32, 4, 2, 64)  # (tile, g, h, low/high, 64 bytes)
-    return (v[:, :, :, 0] | v[:, :, :, 1] << 4).reshape(N, K // 2).contiguous()
+    T, G = N // 16, K // 32
+    v = q.to(torch.uint8).view(T, 16, G, 8, 4).permute(0, 2, 3, 1, 4)  # (tile, g, i, lane, 4)
+    lo = (v & 15).reshape(T, G, 4, 2, 64)  # (tile, g, h, low/high, 64 bytes)
+    out = [(lo[:, :, :, 0] | lo[:, :, :, 1] << 4).reshape(T, G, 256)]
+    weights = 1 << torch.arange(8, dtype=torch.uint8)
+    for p in range(bits - 4):  # (tile, g, i, mask byte, bit)
+        bit = ((v >> (4 + p)) & 1).reshape(T, G, 8, 8, 8)
+        out.append((bit * weights).sum(-1, dtype=torch.uint8).reshape(T, G, 64))
+    return torch.cat(out, -1).reshape(N, -1).contiguous()
+
+
+def vnni_unpack(w: torch.Tensor, K: int) -> torch.Tensor:
+    """The inverse of `vnni_pack`: (N, K) codes."""
+    N = w.shape[0]
+    T, G = N // 16, K // 32
+    H = (w.shape[1] - K // 2) * 8 // K
+    g = w.view(T, G, 256 + 64 * H)
+    nib = g[..., :256].reshape(T, G, 4, 1, 64)
+    c = torch.cat([nib & 15, nib >> 4], 3).reshape(T, G, 8, 64)  # (tile, g, i, 64 bytes)
+    for p in range(H):
+        masks = g[..., 256 + 64 * p:256 + 64 * (p + 1)].reshape(T, G, 8, 8, 1)
+        c = c | (((masks >> torch.arange(8, dtype=torch.uint8)) & 1) << (4 + p)).reshape(T, G, 8, 64)
+    return c.view(T, G, 8, 16, 4).permute(0, 3, 1, 2, 4).reshape(N, K)
 
 
 def vnni_scales(s: torch.Tensor) -> torch.Tensor:
@@ -89,8 +112,8 @@ def _pad16(t: torch.Tensor) -> torch.Tensor:
 
 
 def _vnni_fits(parts: Int4Parts) -> bool:
-    return (parts.q.device.type == "cpu" and parts.q.shape[1] % GROUP == 0 and parts.g == GROUP
-            and all(m == 1.0 for m in parts.mults) and native.int4_vnni())
+    one_plane = parts.wide is not None or (parts.g == GROUP and all(m == 1.0 for m in parts.mults))
+    return parts.q.device.type == "cpu" and parts.q.shape[1] % GROUP == 0 and one_plane and native.int4_vnni()
 
 
 class Int4Linear(nn.Module):
@@ -103,11 +126,17 @@ class Int4Linear(nn.Module):
         self.in_features = k_expanded // len(parts.mults)
         self.g = parts.g
         self.register_buffer("bias", bias.to(torch.bfloat16) if bias is not None else None)
+        self.bits = 4
         if _vnni_fits(parts):
-            self.planes = len(parts.mults)  # the input is repeated per group, once per plane
-            self.register_buffer("w4", vnni_pack(_pad16(parts.q)))
-            self.register_buffer("scales", vnni_scales(_pad16(parts.scale.float())))
-            self.register_buffer("mins", vnni_scales(_pad16(parts.zero.float() - 8 * parts.scale.float())))
+            if parts.wide is not None:  # one plane of wider codes
+                c, s, b = parts.wide
+                self.planes, self.bits = 1, max(4, int(c.max()).bit_length())
+            else:  # the input is repeated per group, once per plane
+                c, s, b = parts.q, parts.scale.float(), parts.zero.float() - 8 * parts.scale.float()
+                self.planes = len(parts.mults)
+            self.register_buffer("w4", vnni_pack(_pad16(c), self.bits))
+            self.register_buffer("scales", vnni_scales(_pad16(s.float())))
+            self.register_buffer("mins", vnni_scales(_pad16(b.float())))
             return
         self.planes = 0  # PyTorch's layout
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(parts.q.int().contiguous(), 1)
@@ -130,8 +159,11 @@ class Int4Linear(nn.Module):
             new = Int4Linear.__new__(Int4Linear)
             nn.Module.__init__(new)
             new.in_features, new.g, new.planes = first.in_features, first.g, first.planes
-            new.out_features = sum(m.out_features for m in mods)
-            for name in ("w4", "scales", "mins", "bias"):
+            new.out_features, new.bits = sum(m.out_features for m in mods), max(m.bits for m in mods)
+            k = first.scales.shape[1] * GROUP  # codes per row (the expanded input)
+            new.register_buffer("w4", torch.cat([m.w4 if m.bits == new.bits else  # narrower codes widened
+                                                 vnni_pack(vnni_unpack(m.w4, k), new.bits) for m in mods]))
+            for name in ("scales", "mins", "bias"):
                 parts = [getattr(m, name) for m in mods]
                 new.register_buffer(name, None if parts[0] is None else torch.cat(parts))
             return new
@@ -143,7 +175,7 @@ class Int4Linear(nn.Module):
             return None
         new = Int4Linear.__new__(Int4Linear)
         nn.Module.__init__(new)
-        new.in_features, new.g, new.planes = first.in_features, first.g, 0
+        new.in_features, new.g, new.planes, new.bits = first.in_features, first.g, 0, 4
         new.out_features = sum(m.out_features for m in mods)
         new.register_buffer("packed", torch.cat([m.packed for m in mods]))
         new.register_buffer("scales_zeros", torch.cat([m.scales_zeros for m in mods], dim=1))
@@ -193,6 +225,6 @@ class Int4Linear(nn.Module):
     def extra_repr(self) -> str:
         if self.planes:
             return (f"in_features={self.in_features}, out_features={self.out_features}, group={GROUP}, "
-                    f"layout=vnni, planes={self.planes}")
+                    f"layout=vnni, planes={self.planes}, bits={self.bits}")
         planes = "" if self.mults is None else f", planes={self.mults.numel()}x{self.g}"
         return f"in_features={self.in_features}, out_features={self.out_features}, group={GROUP}{planes}"

@@ -20,6 +20,8 @@ multiple of the scale, or the format's own minimum, so bf16 rounds nothing a dec
     Q2_K   2.6          8 + 1        16 x 2 (1, 0)            [c | padding], zero 8 s - dm
 
 "kernel bits" = code bits + bf16 scale/zero per 32 weights of the expanded input.
+Q5_0, Q5_1, Q5_K and Q8_0 also give their codes whole (`Int4Parts.wide`: 5 or 8 bits, w = c s + b): our VNNI
+kernel reads those at their own size (5 + 1 or 8 + 1 bits) instead of the two planes.
 """
 
 from __future__ import annotations
@@ -98,15 +100,17 @@ def repack(raw: torch.Tensor, t: GGMLQuantizationType, N: int, K: int) -> Int4Pa
         return Int4Parts(_nibbles(b[:, 4:]).view(N, K), d, _f16(b[:, 2:4]).view(N, -1) + 8 * d)
     if t == Q.Q5_0:
         lo, hi = _nibbles(b[:, 6:]), _high_bits(b[:, 2:6]) >> 4
-        return Int4Parts(_planes(N, lo, hi + 7, 32), _sz(N, d, 16 * d), _sz(N, 8 * d, 0 * d), 32, (1.0, 1.0))
+        return Int4Parts(_planes(N, lo, hi + 7, 32), _sz(N, d, 16 * d), _sz(N, 8 * d, 0 * d), 32, (1.0, 1.0),
+                         ((lo + 16 * hi).view(N, K), d, -16 * d))
     if t == Q.Q5_1:
         lo, hi = _nibbles(b[:, 8:]), _high_bits(b[:, 4:8]) >> 4
         m = _f16(b[:, 2:4]).view(N, -1)
-        return Int4Parts(_planes(N, lo, hi + 8, 32), _sz(N, d, 16 * d), _sz(N, 8 * d, m), 32, (1.0, 1.0))
+        return Int4Parts(_planes(N, lo, hi + 8, 32), _sz(N, d, 16 * d), _sz(N, 8 * d, m), 32, (1.0, 1.0),
+                         ((lo + 16 * hi).view(N, K), d, m))
     if t == Q.Q8_0:
         qs = b[:, 2:].view(torch.int8).int()
         return Int4Parts(_planes(N, qs & 15, (qs >> 4) + 8, 32), _sz(N, d, 16 * d), _sz(N, 8 * d, 0 * d), 32,
-                         (1.0, 1.0))
+                         (1.0, 1.0), ((qs + 128).view(N, K), d, -128 * d))
     if t in (Q.Q4_K, Q.Q5_K):  # super-blocks of 256: d, dmin, 12 bytes of 6-bit scales and mins, codes
         d, dmin = _f16(b[:, :2]), _f16(b[:, 2:4])  # (B, 1)
         sc, mn = _k4_scales(b[:, 4:16])  # (B, 8)
@@ -117,7 +121,8 @@ def repack(raw: torch.Tensor, t: GGMLQuantizationType, N: int, K: int) -> Int4Pa
             return Int4Parts(lo, s, 8 * s + m)
         qh = b[:, 16:48].reshape(-1, 1, 32)  # bit j of qh[l] is the 5th bit of element 32 j + l
         hi = ((qh >> torch.arange(8, dtype=torch.uint8).view(1, 8, 1)) & 1).reshape(N, K)
-        return Int4Parts(_planes(N, lo, hi + 8, 32), _sz(N, s, 16 * s), _sz(N, 8 * s, m), 32, (1.0, 1.0))
+        return Int4Parts(_planes(N, lo, hi + 8, 32), _sz(N, s, 16 * s), _sz(N, 8 * s, m), 32, (1.0, 1.0),
+                         (lo + 16 * hi, s, m))
     if t == Q.Q6_K:
         c = _q6_codes(b).int()
         s = (_f16(b[:, 208:210]) * b[:, 192:208].view(torch.int8).float()).view(N, -1)  # (N, K/16)
