@@ -105,8 +105,7 @@ def ops_library() -> bool:
         torch.library.register_fake("leanlm_native::int4_mm")(
             lambda x, w, scales, mins: x.new_empty(x.shape[0], w.shape[0]))
         torch.library.register_fake("leanlm_native::int4_dense")(
-            lambda w, scales, mins, planes: w.new_empty(w.shape[0], scales.shape[1] * 32 // planes,
-                                                        dtype=torch.bfloat16))
+            lambda w, scales, mins, planes, k: w.new_empty(w.shape[0], k // planes, dtype=torch.bfloat16))
     if hasattr(ops, "int8_mm"):
         torch.library.register_fake("leanlm_native::int8_mm")(
             lambda x, w, scales: x.new_empty(x.shape[0], w.shape[0], dtype=torch.float32))

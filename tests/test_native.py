@@ -216,3 +216,29 @@ def test_int8_head_is_exact_integer_math(m: int, k: int) -> None:
     scale = (xq.double().abs() @ codes.double().abs().T) * scales.double()
     assert got.dtype == torch.float32 and ((got.double() - ref).abs() / scale).max().item() < 1e-6
     assert torch.equal(head(x[-1:]), got[-1:])
+
+
+@needs_vnni
+@pytest.mark.parametrize("m", [1, 6])
+def test_int4_vnni_16_wide_scales(m: int) -> None:
+    """6-bit codes with a scale and minimum per 16 inputs (Q6_K's sub-blocks): exact products on x quantised per
+    32, and the dense weight for prefill."""
+    from leanlm.quant.int4 import Int4Linear, Int4Parts
+
+    n, k = 48, 320
+    gen = torch.Generator().manual_seed(m)
+    codes = torch.randint(0, 64, (n, k), generator=gen)
+    scale = (torch.rand(n, k // 16, generator=gen) / 10 + 1e-3).half().float()
+    mins = (-32 * scale).half().float()
+    planes = torch.zeros(n, 2 * k, dtype=torch.long)  # the PyTorch-kernel form is not used here
+    lin = Int4Linear(Int4Parts(planes, torch.ones(n, k // 16), torch.zeros(n, k // 16), 16, (1.0, 8.0),
+                               (codes, scale, mins)))
+    assert lin.planes == 1 and lin.bits == 6
+    w = (codes.float().view(n, -1, 16) * scale[..., None] + mins[..., None]).view(n, k)
+    assert torch.equal(lin.dense_bf16(), w.to(torch.bfloat16))
+    x = torch.randn(m, k, generator=gen)
+    xg = x.view(m, -1, 32)
+    amax = xg.abs().amax(-1, keepdim=True)
+    xq = (torch.round(xg * (torch.full_like(amax, 127) / amax)) * (amax / 127)).view(m, k)
+    ref, terms = xq.double() @ w.double().T, xq.double().abs() @ w.double().abs().T
+    assert ((lin(x).double() - ref).abs() <= 1e-5 * terms).all()

@@ -23,6 +23,8 @@
  * Wider codes (5 to 8 bits: Q5_0, Q5_1, Q5_K, Q8_0 kept at their own size instead of two 4-bit planes) add H
  * bit planes after each group's 256 bytes: plane p is 8 masks of 64 bits, mask i bit j = bit 4 + p of byte j
  * of vector i, set by one masked add of 16 << p. A group is then 256 + 64 H bytes.
+ * Scales 16 wide (Q6_K's sub-blocks; S16): each group has two scales and minimums per output, vectors 0-3 and
+ * 4-7 are summed apart, and the activations' sums come per half group.
  */
 #include <torch/library.h>
 #include <ATen/Parallel.h>
@@ -64,9 +66,10 @@ inline void add_high_bits(const uint8_t *planes, int i, __m512i &q0, __m512i &q1
 // are compile-time counts so the accumulators stay in registers; with NT = 2 each broadcast activation
 // feeds two dpbusd. Every row is computed by the same instructions whatever R and NT are, so results do
 // not depend on how many rows come along.
-template <int R, int NT, int H>
+template <int R, int NT, int H, bool S16>
 void tile(const int8_t *xq, const float *dx, const float *sx, const uint8_t *w, const uint16_t *sc,
           const uint16_t *mn, float *y, int64_t N, int64_t K, int64_t m0, int64_t t) {
+    constexpr int NS = S16 ? 2 : 1;  // scales per group
     const int64_t G = K / 32, GS = 256 + 64 * H;  // bytes per group of a tile
     const __m512i low4 = _mm512_set1_epi8(0x0F);
     __m512 acc[R][NT];
@@ -74,12 +77,14 @@ void tile(const int8_t *xq, const float *dx, const float *sx, const uint8_t *w, 
     for (int j = 0; j < R; j++)
         for (int u = 0; u < NT; u++) acc[j][u] = _mm512_setzero_ps();
     for (int64_t g = 0; g < G; g++) {
-        __m512i isum[R][NT];
+        __m512i isum[R][NT][NS];
 #pragma GCC unroll 8
         for (int j = 0; j < R; j++)
-            for (int u = 0; u < NT; u++) isum[j][u] = _mm512_setzero_si512();
+            for (int u = 0; u < NT; u++)
+                for (int e = 0; e < NS; e++) isum[j][u][e] = _mm512_setzero_si512();
 #pragma GCC unroll 4
         for (int h = 0; h < 4; h++) {  // vectors 2h (low nibbles) and 2h + 1 (high nibbles)
+            const int e = S16 ? h / 2 : 0;  // which scale: inputs 0-15 or 16-31 of the group
             __m512i q0[NT], q1[NT];
 #pragma GCC unroll 2
             for (int u = 0; u < NT; u++) {
@@ -94,17 +99,21 @@ void tile(const int8_t *xq, const float *dx, const float *sx, const uint8_t *w, 
                 const __m512i x0 = bcast4(xr), x1 = bcast4(xr + 4);
 #pragma GCC unroll 2
                 for (int u = 0; u < NT; u++)
-                    isum[j][u] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(isum[j][u], q0[u], x0), q1[u], x1);
+                    isum[j][u][e] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(isum[j][u][e], q0[u], x0), q1[u], x1);
             }
         }
 #pragma GCC unroll 2
         for (int u = 0; u < NT; u++) {
-            const __m512 s16 = f16x16(sc + (t + u) * 16 * G + g * 16), b16 = f16x16(mn + (t + u) * 16 * G + g * 16);
+#pragma GCC unroll 2
+            for (int e = 0; e < NS; e++) {
+                const int64_t at = ((t + u) * NS * G + NS * g + e) * 16;
+                const __m512 s16 = f16x16(sc + at), b16 = f16x16(mn + at);
 #pragma GCC unroll 4
-            for (int j = 0; j < R; j++) {
-                const __m512 dsum = _mm512_cvtepi32_ps(isum[j][u]);
-                acc[j][u] = _mm512_fmadd_ps(dsum, _mm512_mul_ps(s16, _mm512_set1_ps(dx[(m0 + j) * G + g])), acc[j][u]);
-                acc[j][u] = _mm512_fmadd_ps(b16, _mm512_set1_ps(sx[(m0 + j) * G + g]), acc[j][u]);
+                for (int j = 0; j < R; j++) {
+                    const __m512 dsum = _mm512_cvtepi32_ps(isum[j][u][e]);
+                    acc[j][u] = _mm512_fmadd_ps(dsum, _mm512_mul_ps(s16, _mm512_set1_ps(dx[(m0 + j) * G + g])), acc[j][u]);
+                    acc[j][u] = _mm512_fmadd_ps(b16, _mm512_set1_ps(sx[(m0 + j) * NS * G + NS * g + e]), acc[j][u]);
+                }
             }
         }
     }
@@ -113,30 +122,30 @@ void tile(const int8_t *xq, const float *dx, const float *sx, const uint8_t *w, 
         for (int u = 0; u < NT; u++) _mm512_storeu_ps(y + (m0 + j) * N + (t + u) * 16, acc[j][u]);
 }
 
-template <int NT, int H>
+template <int NT, int H, bool S16>
 void rows(const int8_t *xq, const float *dx, const float *sx, const uint8_t *w, const uint16_t *sc,
           const uint16_t *mn, float *y, int64_t M, int64_t N, int64_t K, int64_t t) {
     int64_t m0 = 0;
-    for (; M - m0 >= 4; m0 += 4) tile<4, NT, H>(xq, dx, sx, w, sc, mn, y, N, K, m0, t);
+    for (; M - m0 >= 4; m0 += 4) tile<4, NT, H, S16>(xq, dx, sx, w, sc, mn, y, N, K, m0, t);
     switch (M - m0) {
-        case 3: tile<3, NT, H>(xq, dx, sx, w, sc, mn, y, N, K, m0, t); break;
-        case 2: tile<2, NT, H>(xq, dx, sx, w, sc, mn, y, N, K, m0, t); break;
-        case 1: tile<1, NT, H>(xq, dx, sx, w, sc, mn, y, N, K, m0, t); break;
+        case 3: tile<3, NT, H, S16>(xq, dx, sx, w, sc, mn, y, N, K, m0, t); break;
+        case 2: tile<2, NT, H, S16>(xq, dx, sx, w, sc, mn, y, N, K, m0, t); break;
+        case 1: tile<1, NT, H, S16>(xq, dx, sx, w, sc, mn, y, N, K, m0, t); break;
         default: break;
     }
 }
 
 // Pairs of tiles p0 .. p1 - 1 (the last one single when N / 16 is odd). Both tiles of a pair share each
 // broadcast activation from 5 rows on; for fewer rows one tile at a time measured faster (bench/NOTES.md).
-template <int H>
+template <int H, bool S16>
 void tiles(const int8_t *xq, const float *dx, const float *sx, const uint8_t *w, const uint16_t *sc,
            const uint16_t *mn, float *y, int64_t M, int64_t N, int64_t K, int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; p++) {
         if (M > 4 && 2 * p + 1 < N / 16) {
-            rows<2, H>(xq, dx, sx, w, sc, mn, y, M, N, K, 2 * p);
+            rows<2, H, S16>(xq, dx, sx, w, sc, mn, y, M, N, K, 2 * p);
         } else {
-            rows<1, H>(xq, dx, sx, w, sc, mn, y, M, N, K, 2 * p);
-            if (2 * p + 1 < N / 16) rows<1, H>(xq, dx, sx, w, sc, mn, y, M, N, K, 2 * p + 1);
+            rows<1, H, S16>(xq, dx, sx, w, sc, mn, y, M, N, K, 2 * p);
+            if (2 * p + 1 < N / 16) rows<1, H, S16>(xq, dx, sx, w, sc, mn, y, M, N, K, 2 * p + 1);
         }
     }
 }
@@ -172,31 +181,34 @@ int planes_of(int64_t K, int64_t bytes_per_row) {
 at::Tensor int4_mm(const at::Tensor &x, const at::Tensor &w, const at::Tensor &scales, const at::Tensor &mins) {
     const int64_t M = x.size(0), K = x.size(1), N = w.size(0), G = K / 32;
     const int H = planes_of(K, w.size(1));
-    TORCH_CHECK(K % 32 == 0 && N % 16 == 0 && H >= 0 && scales.size(1) == G, "int4_mm: bad shapes");
-    const vnni::Quantized q = vnni::quantize_input(x, false);
+    const bool s16 = scales.size(1) == 2 * G;  // 16-wide scales (only with 6-bit codes: Q6_K)
+    TORCH_CHECK(K % 32 == 0 && N % 16 == 0 && (H == 0 || H == 1 || H == 2 || H == 4) &&
+                (scales.size(1) == G || (s16 && H == 2)), "int4_mm: bad shapes");
+    const vnni::Quantized q = vnni::quantize_input(x, s16 ? vnni::Sums::per_half_group : vnni::Sums::per_group);
     at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
     const uint8_t *wp = w.data_ptr<uint8_t>();
     const auto *sp = reinterpret_cast<const uint16_t *>(scales.data_ptr());
     const auto *mp = reinterpret_cast<const uint16_t *>(mins.data_ptr());
     float *yp = y.data_ptr<float>();
     at::parallel_for(0, (N / 16 + 1) / 2, 1, [&](int64_t p0, int64_t p1) {
+        if (s16) return tiles<2, true>(q.xq, q.dx, q.sx, wp, sp, mp, yp, M, N, K, p0, p1);
         switch (H) {
-            case 0: tiles<0>(q.xq, q.dx, q.sx, wp, sp, mp, yp, M, N, K, p0, p1); break;
-            case 1: tiles<1>(q.xq, q.dx, q.sx, wp, sp, mp, yp, M, N, K, p0, p1); break;
-            case 2: tiles<2>(q.xq, q.dx, q.sx, wp, sp, mp, yp, M, N, K, p0, p1); break;
-            case 3: tiles<3>(q.xq, q.dx, q.sx, wp, sp, mp, yp, M, N, K, p0, p1); break;
-            default: tiles<4>(q.xq, q.dx, q.sx, wp, sp, mp, yp, M, N, K, p0, p1); break;
+            case 0: tiles<0, false>(q.xq, q.dx, q.sx, wp, sp, mp, yp, M, N, K, p0, p1); break;
+            case 1: tiles<1, false>(q.xq, q.dx, q.sx, wp, sp, mp, yp, M, N, K, p0, p1); break;
+            case 2: tiles<2, false>(q.xq, q.dx, q.sx, wp, sp, mp, yp, M, N, K, p0, p1); break;
+            default: tiles<4, false>(q.xq, q.dx, q.sx, wp, sp, mp, yp, M, N, K, p0, p1); break;
         }
     });
     return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
 }
 
-// The dense weight (N, K / P) in bf16 for prefill's matmul: planes p = 0..P-1 of each group of 32 inputs sit
-// side by side along K (quant/int4.py, Int4Parts) and are summed in fp32, then rounded once.
-at::Tensor int4_dense(const at::Tensor &w, const at::Tensor &scales, const at::Tensor &mins, int64_t P) {
-    const int64_t N = w.size(0), G = scales.size(1), K = G * 32, Ko = K / P;
+// The dense weight (N, K / P) in bf16 for prefill's matmul, K codes per row: planes p = 0..P-1 of each group of
+// 32 inputs sit side by side along K (quant/int4.py, Int4Parts) and are summed in fp32, then rounded once.
+at::Tensor int4_dense(const at::Tensor &w, const at::Tensor &scales, const at::Tensor &mins, int64_t P, int64_t K) {
+    const int64_t N = w.size(0), G = K / 32, NS = scales.size(1) / G, Ko = K / P;
     const int H = planes_of(K, w.size(1));
-    TORCH_CHECK(N % 16 == 0 && G % P == 0 && H >= 0, "int4_dense: bad shapes");
+    TORCH_CHECK(K % 32 == 0 && N % 16 == 0 && G % P == 0 && H >= 0 && (NS == 1 || NS == 2) &&
+                scales.size(1) == NS * G, "int4_dense: bad shapes");
     at::Tensor out = at::empty({N, Ko}, w.options().dtype(at::kBFloat16));
     const uint8_t *wp = w.data_ptr<uint8_t>();
     const auto *sp = reinterpret_cast<const uint16_t *>(scales.data_ptr());
@@ -209,13 +221,15 @@ at::Tensor int4_dense(const at::Tensor &w, const at::Tensor &scales, const at::T
             std::fill(rows.begin(), rows.end(), 0.0f);
             for (int64_t g = 0; g < G; g++) {  // group g: plane g % P of input group g / P
                 unpack_group(wp + (t * G + g) * (256 + 64 * H), H, codes);
-                const uint16_t *st = sp + t * 16 * G + g * 16, *bt = mp + t * 16 * G + g * 16;
-                for (int l = 0; l < 16; l++) {
-                    const __m512 s = _mm512_set1_ps(_cvtsh_ss(st[l])), b = _mm512_set1_ps(_cvtsh_ss(bt[l]));
-                    float *dst = rows.data() + l * Ko + (g / P) * 32;
-                    for (int h = 0; h < 32; h += 16) {
-                        const __m512 q = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(codes[l] + h))));
-                        _mm512_storeu_ps(dst + h, _mm512_add_ps(_mm512_loadu_ps(dst + h), _mm512_fmadd_ps(q, s, b)));
+                for (int64_t e = 0; e < NS; e++) {  // the group's scales: 32 inputs each, or 16
+                    const uint16_t *st = sp + ((t * G + g) * NS + e) * 16, *bt = mp + ((t * G + g) * NS + e) * 16;
+                    for (int l = 0; l < 16; l++) {
+                        const __m512 s = _mm512_set1_ps(_cvtsh_ss(st[l])), b = _mm512_set1_ps(_cvtsh_ss(bt[l]));
+                        float *dst = rows.data() + l * Ko + (g / P) * 32;
+                        for (int64_t h = 32 / NS * e; h < 32 / NS * (e + 1); h += 16) {
+                            const __m512 q = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(codes[l] + h))));
+                            _mm512_storeu_ps(dst + h, _mm512_add_ps(_mm512_loadu_ps(dst + h), _mm512_fmadd_ps(q, s, b)));
+                        }
                     }
                 }
             }
@@ -228,7 +242,7 @@ at::Tensor int4_dense(const at::Tensor &w, const at::Tensor &scales, const at::T
 
 TORCH_LIBRARY_FRAGMENT(leanlm_native, m) {
     m.def("int4_mm(Tensor x, Tensor w, Tensor scales, Tensor mins) -> Tensor");
-    m.def("int4_dense(Tensor w, Tensor scales, Tensor mins, int planes) -> Tensor");
+    m.def("int4_dense(Tensor w, Tensor scales, Tensor mins, int planes, int k) -> Tensor");
 }
 TORCH_LIBRARY_IMPL(leanlm_native, CPU, m) {
     m.impl("int4_mm", int4_mm);

@@ -95,7 +95,7 @@ void rows(const vnni::Quantized &q, const uint8_t *w, const at::BFloat16 *sc, fl
 at::Tensor int8_mm(const at::Tensor &x, const at::Tensor &w, const at::Tensor &scales) {
     const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
     TORCH_CHECK(K % 32 == 0 && N % 32 == 0 && w.size(1) == K && scales.numel() == N, "int8_mm: bad shapes");
-    const vnni::Quantized q = vnni::quantize_input(x, true);
+    const vnni::Quantized q = vnni::quantize_input(x, vnni::Sums::integer);
     at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
     const uint8_t *wp = w.data_ptr<uint8_t>();
     const auto *sp = scales.const_data_ptr<at::BFloat16>();

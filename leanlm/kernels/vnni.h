@@ -24,10 +24,11 @@ inline __m512i bcast4(const int8_t *p) {  // 4 activations to every lane
     return _mm512_set1_epi32(v);
 }
 
-// x (M, K) fp32 or bf16 -> xq (M, K) int8 with dx = max|x| / 127 per group of 32 (M, G), and per group
-// sx = dx * sum xq (for zero points) or, where qs is given, the integer sum itself.
+// x (M, K) fp32 or bf16 -> xq (M, K) int8 with dx = max|x| / 127 per group of 32 (M, G), and the sums of xq
+// each kernel wants (null pointers: not wanted): sx = dx * sum xq per group (M, G) and per half group
+// (M, 2 G; for weights with 16-wide scales), or qs, the integer sums per group.
 template <typename T>
-void quantize(const T *x, int64_t M, int64_t K, int8_t *xq, float *dx, float *sx, int32_t *qs) {
+void quantize(const T *x, int64_t M, int64_t K, int8_t *xq, float *dx, float *sx, float *sx16, int32_t *qs) {
     const int64_t G = K / 32;
     for (int64_t m = 0; m < M; m++) {
         for (int64_t g = 0; g < G; g++) {
@@ -37,10 +38,11 @@ void quantize(const T *x, int64_t M, int64_t K, int8_t *xq, float *dx, float *sx
             const float d = amax / 127.0f, inv = amax > 0 ? 127.0f / amax : 0.0f;
             __m512i qa = _mm512_cvtps_epi32(_mm512_mul_ps(a, _mm512_set1_ps(inv)));  // round to nearest
             __m512i qb = _mm512_cvtps_epi32(_mm512_mul_ps(b, _mm512_set1_ps(inv)));
-            const int32_t sum = _mm512_reduce_add_epi32(_mm512_add_epi32(qa, qb));
+            const int32_t sa = _mm512_reduce_add_epi32(qa), sb = _mm512_reduce_add_epi32(qb);
             dx[m * G + g] = d;
-            if (qs != nullptr) qs[m * G + g] = sum;
-            else sx[m * G + g] = d * (float)sum;
+            if (sx != nullptr) sx[m * G + g] = d * (float)(sa + sb);
+            if (sx16 != nullptr) sx16[m * 2 * G + 2 * g] = d * (float)sa, sx16[m * 2 * G + 2 * g + 1] = d * (float)sb;
+            if (qs != nullptr) qs[m * G + g] = sa + sb;
             _mm_storeu_si128((__m128i *)(xq + m * K + g * 32), _mm512_cvtsepi32_epi8(qa));
             _mm_storeu_si128((__m128i *)(xq + m * K + g * 32 + 16), _mm512_cvtsepi32_epi8(qb));
         }
@@ -50,25 +52,27 @@ void quantize(const T *x, int64_t M, int64_t K, int8_t *xq, float *dx, float *sx
 // The quantised x of a call, in buffers kept per thread between calls (no allocation per call).
 struct Quantized {
     const int8_t *xq;
-    const float *dx, *sx;
+    const float *dx, *sx;  // sx: per group, or per half group where the weights' scales are 16 wide
     const int32_t *qs;
 };
 
-inline Quantized quantize_input(const at::Tensor &x, bool integer_sums) {
+enum class Sums { per_group, per_half_group, integer };
+
+inline Quantized quantize_input(const at::Tensor &x, Sums sums) {
     const int64_t M = x.size(0), K = x.size(1), G = K / 32;
     thread_local std::vector<int8_t> xq;
     thread_local std::vector<float> dx, sx;
     thread_local std::vector<int32_t> qs;
-    xq.resize(M * K), dx.resize(M * G), sx.resize(integer_sums ? 0 : M * G), qs.resize(integer_sums ? M * G : 0);
-    float *sxp = integer_sums ? nullptr : sx.data();
-    int32_t *qsp = integer_sums ? qs.data() : nullptr;
+    xq.resize(M * K), dx.resize(M * G), sx.resize(2 * M * G), qs.resize(M * G);
+    float *sx32 = sums == Sums::per_group ? sx.data() : nullptr, *sx16 = sums == Sums::per_half_group ? sx.data() : nullptr;
+    int32_t *qsp = sums == Sums::integer ? qs.data() : nullptr;
     if (x.scalar_type() == at::kBFloat16 && x.is_contiguous()) {
-        quantize(x.const_data_ptr<at::BFloat16>(), M, K, xq.data(), dx.data(), sxp, qsp);
+        quantize(x.const_data_ptr<at::BFloat16>(), M, K, xq.data(), dx.data(), sx32, sx16, qsp);
     } else {
         at::Tensor xf = x.to(at::kFloat).contiguous();
-        quantize(xf.const_data_ptr<float>(), M, K, xq.data(), dx.data(), sxp, qsp);
+        quantize(xf.const_data_ptr<float>(), M, K, xq.data(), dx.data(), sx32, sx16, qsp);
     }
-    return {xq.data(), dx.data(), sxp, qsp};  // pointers: a worker thread's thread_local would be its own copy
+    return {xq.data(), dx.data(), sx.data(), qs.data()};  // pointers: a worker's thread_local is its own copy
 }
 
 }  // namespace vnni

@@ -58,7 +58,8 @@ class Int4Parts:
     g: int = GROUP
     mults: tuple[float, ...] = (1.0,)
     # the same weight as one plane of wider codes, w = c * s + b per group of 32 (c (N, K) in 0..255, s and b
-    # (N, K / 32)), for our kernel: 5-8 bit formats then keep their size instead of two 4-bit planes
+    # (N, K / 32)) or of 16 (Q6_K, c < 64), for our kernel: 5-8 bit formats then keep their size instead of
+    # two 4-bit planes
     wide: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def dense(self) -> torch.Tensor:
@@ -111,8 +112,13 @@ def _pad16(t: torch.Tensor) -> torch.Tensor:
     return F.pad(t, (0, 0, 0, -t.shape[0] % 16))
 
 
+_WIDTHS = {4: 4, 5: 5, 6: 6, 7: 8, 8: 8}  # code bits -> the kernel's widths (4 + extra bit planes)
+
+
 def _vnni_fits(parts: Int4Parts) -> bool:
-    one_plane = parts.wide is not None or (parts.g == GROUP and all(m == 1.0 for m in parts.mults))
+    wide = parts.wide is not None and (parts.wide[1].shape[1] * GROUP == parts.wide[0].shape[1]
+                                       or int(parts.wide[0].max()) < 64)  # 16-wide scales: 6 bits at most
+    one_plane = wide or (parts.g == GROUP and all(m == 1.0 for m in parts.mults))
     return parts.q.device.type == "cpu" and parts.q.shape[1] % GROUP == 0 and one_plane and native.int4_vnni()
 
 
@@ -128,9 +134,11 @@ class Int4Linear(nn.Module):
         self.register_buffer("bias", bias.to(torch.bfloat16) if bias is not None else None)
         self.bits = 4
         if _vnni_fits(parts):
-            if parts.wide is not None:  # one plane of wider codes
+            if parts.wide is not None:  # one plane of wider codes: 5, 6 (Q6_K: 16-wide scales) or 8 bits
                 c, s, b = parts.wide
-                self.planes, self.bits = 1, max(4, int(c.max()).bit_length())
+                self.planes, self.bits = 1, _WIDTHS[max(4, int(c.max()).bit_length())]
+                if s.shape[1] * 16 == self.in_features:
+                    self.bits = 6
             else:  # the input is repeated per group, once per plane
                 c, s, b = parts.q, parts.scale.float(), parts.zero.float() - 8 * parts.scale.float()
                 self.planes = len(parts.mults)
@@ -215,7 +223,8 @@ class Int4Linear(nn.Module):
     def dense_bf16(self) -> torch.Tensor | None:
         """A temporary dense bf16 copy of the weight (N, K), from our C kernels (None without them)."""
         if self.planes:
-            return torch.ops.leanlm_native.int4_dense(self.w4, self.scales, self.mins, self.planes)[:self.out_features]
+            return torch.ops.leanlm_native.int4_dense(self.w4, self.scales, self.mins, self.planes,
+                                                      self.in_features * self.planes)[:self.out_features]
         return int4_dense(self.packed, self.scales_zeros, self.mults, self.g, self.out_features, self.packed_k)
 
     @property

@@ -20,8 +20,8 @@ multiple of the scale, or the format's own minimum, so bf16 rounds nothing a dec
     Q2_K   2.6          8 + 1        16 x 2 (1, 0)            [c | padding], zero 8 s - dm
 
 "kernel bits" = code bits + bf16 scale/zero per 32 weights of the expanded input.
-Q5_0, Q5_1, Q5_K and Q8_0 also give their codes whole (`Int4Parts.wide`: 5 or 8 bits, w = c s + b): our VNNI
-kernel reads those at their own size (5 + 1 or 8 + 1 bits) instead of the two planes.
+Q5_0, Q5_1, Q5_K, Q6_K and Q8_0 also give their codes whole (`Int4Parts.wide`: 5, 6 or 8 bits, w = c s + b):
+our VNNI kernel reads those at about their own size instead of the two planes.
 """
 
 from __future__ import annotations
@@ -126,7 +126,8 @@ def repack(raw: torch.Tensor, t: GGMLQuantizationType, N: int, K: int) -> Int4Pa
     if t == Q.Q6_K:
         c = _q6_codes(b).int()
         s = (_f16(b[:, 208:210]) * b[:, 192:208].view(torch.int8).float()).view(N, -1)  # (N, K/16)
-        return Int4Parts(_planes(N, c & 15, 2 * (c >> 4) + 5, 16), s, torch.zeros_like(s), 16, (1.0, 8.0))
+        return Int4Parts(_planes(N, c & 15, 2 * (c >> 4) + 5, 16), s, torch.zeros_like(s), 16, (1.0, 8.0),
+                         (c.view(N, K), s, -32 * s))
     if t == Q.Q3_K:  # hmask[32], qs[64], scales[12], d; code = low 2 bits + 4 * hmask bit, w = d (sc - 32)(c - 4)
         hbit = (b[:, :32].reshape(-1, 1, 1, 32) >> torch.arange(8, dtype=torch.uint8).view(1, 2, 4, 1)) & 1
         c = _k_bits(b[:, 32:96], 4) | (hbit.reshape(-1, 256) << 2)
