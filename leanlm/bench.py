@@ -5,6 +5,9 @@ when the tokenizer asks for it) and decodes greedily ignoring EOS, so each seque
 tokens. Each engine runs in its own subprocess, so peak RSS is per engine; "RSS above imports" is the peak
 minus the RSS right after the engine's imports. A short warm-up precedes every timed run.
 
+With `--repeat N` each engine runs N times, alternating with the other, and the report gives medians: this
+machine's own speed moves by 10-20% from minute to minute (bench/NOTES.md).
+
 Batch B decodes B copies of the prompt together (prefill included). Time to first token (TTFT) is the prefill
 plus the first greedy pick; prefill tok/s = B x prompt / TTFT; decode tok/s = B x (gen - 1) / decode seconds
 (the first token comes from the prefill). Weights are read once per decode step whatever B is, so weight GB/s
@@ -104,16 +107,41 @@ def parse_batches(text: str) -> tuple[int, ...]:
     return tuple(sorted(sizes))
 
 
-def run_bench(spec: BenchSpec, compare: str | None = None, price_per_hour: float | None = None) -> dict[str, Any]:
-    """Run leanlm (and the compared engine) in subprocesses; the report as one JSON-able dict."""
+def run_bench(spec: BenchSpec, compare: str | None = None, price_per_hour: float | None = None,
+              repeat: int = 1) -> dict[str, Any]:
+    """Run leanlm (and the compared engine) in subprocesses, `repeat` times each, alternating so that both see
+    the machine's slow and fast moments alike; the report (medians over the repetitions) as one dict."""
     busy = busy_cpus()
     ids = prompt_ids(Path(spec.model), spec.prompt_tokens)
-    results = {"leanlm": spawn("leanlm", spec, ids)}
+    engines = ["leanlm"] + (["llamacpp"] if compare else [])
+    reps: dict[str, list[dict[str, Any]]] = {e: [] for e in engines}
+    for _ in range(repeat):
+        for e in engines:
+            reps[e].append(spawn(e, spec, ids))
+    results = {e: merge_repeats(r) for e, r in reps.items()}
     if compare:
         from .bench_engines import gguf_weight_bytes
 
-        results["llamacpp"] = {**spawn("llamacpp", spec, ids), **gguf_weight_bytes(spec.model)}
+        results["llamacpp"].update(gguf_weight_bytes(spec.model))
     return build_report(spec, results, busy, price_per_hour)
+
+
+def merge_repeats(reps: list[dict[str, Any]]) -> dict[str, Any]:
+    """One engine's repeated results as one. Per batch size, the run with the median decode speed (so its
+    numbers stay consistent with each other), with every run's decode tok/s in `decode_tps_reps`; load times
+    and memory: the median of each."""
+    def middle(values: list[Any]) -> Any:
+        numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+        return sorted(values)[len(values) // 2] if numbers else values[0]
+
+    out = {k: middle([r.get(k) for r in reps]) for k in reps[0] if k != "runs"}
+    out["repeats"] = len(reps)
+    out["runs"] = []
+    for runs in zip(*(r["runs"] for r in reps)):
+        run = dict(sorted(runs, key=lambda r: r["decode_tps"])[len(runs) // 2])
+        run["decode_tps_reps"] = [r["decode_tps"] for r in runs]
+        out["runs"].append(run)
+    return out
 
 
 # --- report ------------------------------------------------------------------------------------
@@ -250,7 +278,9 @@ def bench_main(a: argparse.Namespace) -> None:
         raise LeanLMError(f"--compare llama.cpp needs a .gguf model, and {path} is not one")
     spec = BenchSpec(str(path), a.prompt_tokens, a.gen_tokens, batches, a.threads or default_threads(),
                      a.dtype, a.prefill_chunk, a.compile)
-    out = run_bench(spec, a.compare, a.price_per_hour)
+    if a.repeat < 1:
+        raise LeanLMError("--repeat must be >= 1")
+    out = run_bench(spec, a.compare, a.price_per_hour, a.repeat)
     if a.plot:
         plot(out, str(Path(a.plot).expanduser()))
     if a.json:

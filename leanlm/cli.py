@@ -245,6 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--plot", default=None, metavar="FILE.png", help="plot decode tok/s against batch size")
     s.add_argument("--price-per-hour", type=float, default=None, metavar="USD",
                    help="machine price: report USD per million generated tokens")
+    s.add_argument("--repeat", type=int, default=1, metavar="N",
+                   help="run each engine N times, alternating, and report medians (default 1)")
     s.set_defaults(fn=cmd_bench, compile="on")
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching")
     _add_model(s, optional=True)

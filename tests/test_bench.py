@@ -23,7 +23,8 @@ from leanlm.generate import generate_ids
 ENGINE_KEYS = {"engine", "version", "threads", "dtype", "load_s", "weight_bytes", "weight_bytes_per_step",
                "base_rss_mib", "peak_rss_mib", "rss_above_imports_mib", "runs"}
 RUN_KEYS = {"batch", "prompt_tokens", "gen_tokens", "total_gen_tokens", "ttft_s", "prefill_tps", "decode_s",
-            "decode_tps", "peak_rss_mib", "weight_gbps", "usd_per_mtok", "same_tokens_as_smallest_batch"}
+            "decode_tps", "peak_rss_mib", "weight_gbps", "usd_per_mtok", "same_tokens_as_smallest_batch",
+            "decode_tps_reps"}
 COMPARE = bench.has_llamacpp()
 
 
@@ -156,3 +157,19 @@ def test_default_model_is_the_registry_default() -> None:
 
     a = build_parser().parse_args(["bench"])
     assert a.model == DEFAULT_MODEL and a.batch == "1" and a.prompt_tokens == 256 and a.gen_tokens == 128
+
+
+def test_repeats_report_the_median_run() -> None:
+    """--repeat N: per batch size the run with the median decode speed, whole (its numbers agree), all speeds
+    kept; engine-level numbers are medians."""
+    def rep(load: float, tps: list[float]) -> dict[str, Any]:
+        return {"engine": "leanlm", "load_s": load, "peak_rss_mib": 100 * load,
+                "runs": [{"batch": b, "decode_tps": t, "decode_s": b / t, "ids": [[1, 2]]}
+                         for b, t in zip((1, 8), tps)]}
+
+    merged = bench.merge_repeats([rep(0.5, [10.0, 80.0]), rep(0.9, [30.0, 40.0]), rep(0.7, [20.0, 60.0])])
+    assert merged["load_s"] == 0.7 and merged["peak_rss_mib"] == 70 and merged["repeats"] == 3
+    one, eight = merged["runs"]
+    assert one["decode_tps"] == 20.0 and one["decode_s"] == 1 / 20.0 and one["decode_tps_reps"] == [10.0, 30.0, 20.0]
+    assert eight["decode_tps"] == 60.0 and eight["decode_s"] == 8 / 60.0
+    assert bench.merge_repeats([rep(0.5, [10.0, 80.0])])["runs"][0]["decode_tps"] == 10.0
