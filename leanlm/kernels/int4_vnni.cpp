@@ -45,6 +45,16 @@ namespace {
 using vnni::bcast4;
 using vnni::f16x16;
 
+// Where results go: fp32, or bf16 rounded here once (to nearest even, as torch's cast), sparing a copy per call.
+struct Out {
+    void *p;
+    bool bf16;
+    void store(int64_t i, __m512 v) const {
+        if (bf16) _mm256_storeu_si256((__m256i *)((uint16_t *)p + i), (__m256i)_mm512_cvtneps_pbh(v));
+        else _mm512_storeu_ps((float *)p + i, v);
+    }
+};
+
 inline uint64_t load_u64(const uint8_t *p) {
     uint64_t v;
     std::memcpy(&v, p, 8);
@@ -68,7 +78,7 @@ inline void add_high_bits(const uint8_t *planes, int i, __m512i &q0, __m512i &q1
 // not depend on how many rows come along.
 template <int R, int NT, int H, bool S16>
 void tile(const int8_t *xq, const float *dx, const float *sx, const uint8_t *w, const uint16_t *sc,
-          const uint16_t *mn, float *y, int64_t N, int64_t K, int64_t m0, int64_t t) {
+          const uint16_t *mn, Out y, int64_t N, int64_t K, int64_t m0, int64_t t) {
     constexpr int NS = S16 ? 2 : 1;  // scales per group
     const int64_t G = K / 32, GS = 256 + 64 * H;  // bytes per group of a tile
     const __m512i low4 = _mm512_set1_epi8(0x0F);
@@ -119,12 +129,12 @@ void tile(const int8_t *xq, const float *dx, const float *sx, const uint8_t *w, 
     }
 #pragma GCC unroll 8
     for (int j = 0; j < R; j++)
-        for (int u = 0; u < NT; u++) _mm512_storeu_ps(y + (m0 + j) * N + (t + u) * 16, acc[j][u]);
+        for (int u = 0; u < NT; u++) y.store((m0 + j) * N + (t + u) * 16, acc[j][u]);
 }
 
 template <int NT, int H, bool S16>
 void rows(const int8_t *xq, const float *dx, const float *sx, const uint8_t *w, const uint16_t *sc,
-          const uint16_t *mn, float *y, int64_t M, int64_t N, int64_t K, int64_t t) {
+          const uint16_t *mn, Out y, int64_t M, int64_t N, int64_t K, int64_t t) {
     int64_t m0 = 0;
     for (; M - m0 >= 4; m0 += 4) tile<4, NT, H, S16>(xq, dx, sx, w, sc, mn, y, N, K, m0, t);
     switch (M - m0) {
@@ -139,7 +149,7 @@ void rows(const int8_t *xq, const float *dx, const float *sx, const uint8_t *w, 
 // broadcast activation from 5 rows on; for fewer rows one tile at a time measured faster (bench/NOTES.md).
 template <int H, bool S16>
 void tiles(const int8_t *xq, const float *dx, const float *sx, const uint8_t *w, const uint16_t *sc,
-           const uint16_t *mn, float *y, int64_t M, int64_t N, int64_t K, int64_t p0, int64_t p1) {
+           const uint16_t *mn, Out y, int64_t M, int64_t N, int64_t K, int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; p++) {
         if (M > 4 && 2 * p + 1 < N / 16) {
             rows<2, H, S16>(xq, dx, sx, w, sc, mn, y, M, N, K, 2 * p);
@@ -196,11 +206,12 @@ at::Tensor int4_mm(const at::Tensor &x, const at::Tensor &w, const at::Tensor &s
     TORCH_CHECK(K % 32 == 0 && N % 16 == 0 && (H == 0 || H == 1 || H == 2 || H == 4) &&
                 (scales.size(1) == G || (s16 && H == 2)), "int4_mm: bad shapes");
     const vnni::Quantized q = vnni::quantize_input(x, s16 ? vnni::Sums::per_half_group : vnni::Sums::per_group);
-    at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
+    const bool bf16 = x.scalar_type() == at::kBFloat16;
+    at::Tensor y = at::empty({M, N}, x.options().dtype(bf16 ? at::kBFloat16 : at::kFloat));
     const uint8_t *wp = w.data_ptr<uint8_t>();
     const auto *sp = reinterpret_cast<const uint16_t *>(scales.data_ptr());
     const auto *mp = reinterpret_cast<const uint16_t *>(mins.data_ptr());
-    float *yp = y.data_ptr<float>();
+    const Out yp{y.data_ptr(), bf16};
     at::parallel_for(0, (N / 16 + 1) / 2, 1, [&](int64_t p0, int64_t p1) {
         if (s16) return tiles<2, true>(q.xq, q.dx, q.sx, wp, sp, mp, yp, M, N, K, p0, p1);
         switch (H) {
@@ -210,7 +221,7 @@ at::Tensor int4_mm(const at::Tensor &x, const at::Tensor &w, const at::Tensor &s
             default: tiles<4, false>(q.xq, q.dx, q.sx, wp, sp, mp, yp, M, N, K, p0, p1); break;
         }
     });
-    return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+    return bf16 || x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
 }
 
 // The dense weight (N, K / P) in bf16 for prefill's matmul, K codes per row: planes p = 0..P-1 of each group of
