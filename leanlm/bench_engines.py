@@ -91,7 +91,9 @@ def weight_bytes(model: Transformer) -> tuple[int, int]:
 
 def greedy_batch(model: Transformer, prompt: list[int], batch: int, gen: int, chunk: int = 512,
                  step: DecodeStep | None = None) -> tuple[list[list[int]], float, float]:
-    """Decode `batch` copies of `prompt` together, greedily: (ids per sequence, TTFT s, decode s)."""
+    """Decode `batch` copies of `prompt` together, greedily: (ids per sequence, TTFT s, decode s). The prompts
+    go through the model `chunk` rows per forward at most (chunk // batch positions of every sequence), as
+    llama.cpp's n_batch bounds its own: the activations' memory stays that of one chunk."""
     import torch
 
     from .cache import ModelCache
@@ -104,8 +106,9 @@ def greedy_batch(model: Transformer, prompt: list[int], batch: int, gen: int, ch
         ids = torch.tensor([prompt], device=device).expand(batch, n)
         out = torch.empty(batch, gen, dtype=torch.long, device=device)
         t0 = time.perf_counter()
-        for s in range(0, n, chunk):
-            piece = ids[:, s:s + chunk]
+        step_len = max(1, chunk // batch)
+        for s in range(0, n, step_len):
+            piece = ids[:, s:s + step_len]
             pos = torch.arange(s, s + piece.shape[1], device=device).expand(batch, -1)
             cache.kv_len = s + piece.shape[1]
             logits = model(piece, pos, cache, last_only=True)[:, -1]
