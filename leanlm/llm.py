@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from . import weight_cache
 from .cache import ModelCache
 from .compiled import MODES, DecodeStep, decode_step, get_step, step_kind, verify_step
 from .errors import LeanLMError
@@ -232,10 +233,17 @@ def load(model: str | Path = DEFAULT_MODEL, *, dtype: str | torch.dtype = "auto"
         torch.set_num_threads(threads)
     path = resolve_model(str(model), progress=progress)
     compute, quantized = resolve_dtype(dtype, device)
-    m, tok = load_model(path, compute, device, quantized)
-    if quantized:
-        from .quant.fuse import fuse_projections
+    cached = quantized and device == "cpu" and path.suffix.lower() == ".gguf"  # repacked once, mapped after
+    saved = weight_cache.load(path, compute) if cached else None
+    if saved is not None:
+        m, tok = saved
+    else:
+        m, tok = load_model(path, compute, device, quantized)
+        if quantized:
+            from .quant.fuse import fuse_projections
 
-        fuse_projections(m)  # q/k/v and gate/up as one matmul each: fewer kernel calls per token
+            fuse_projections(m)  # q/k/v and gate/up as one matmul each: fewer kernel calls per token
+        if cached and weight_cache.save(m, tok, path, compute) is not None:
+            m, tok = weight_cache.load(path, compute) or (m, tok)  # the mapped copy; the heap's is freed below
     release_memory()  # what the file's parsed header and the tokenizer's construction left in the heap
     return LLM(m, tok, path, prefill_chunk, compile)

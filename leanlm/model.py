@@ -128,8 +128,9 @@ class Attention(nn.Module):
         return torch.softmax(s.float(), -1).to(q.dtype) @ v
 
 
-@torch.compiler.assume_constant_result  # a compiled graph asks once, while tracing (it may build the library)
 def _native_attention() -> bool:
+    """compiled.py marks this with `torch.compiler.assume_constant_result` before tracing, so a compiled graph
+    asks once (the call may build the library); marking it here would import dynamo into every process (1 s)."""
     return native.attention()
 
 

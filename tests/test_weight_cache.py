@@ -1,0 +1,58 @@
+"""The loaded-model cache (weight_cache.py): later loads map the saved model and compute exactly the same."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import leanlm
+from leanlm import weight_cache
+
+
+@pytest.fixture()
+def cache_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("LEANLM_CACHE", str(tmp_path))
+    monkeypatch.setenv("LEANLM_WEIGHT_CACHE", "1")
+    return tmp_path
+
+
+def _mapped(path: Path) -> bool:
+    return str(path) in Path("/proc/self/maps").read_text()
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs /proc to see mappings")
+def test_second_load_maps_the_saved_model_and_computes_the_same(smol_path: Path, cache_home: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    ids = [1, 504, 3458, 314, 4352, 314]
+    first = leanlm.load(smol_path, progress=False, compile="off")
+    entry = weight_cache.entry(smol_path, torch.bfloat16)
+    assert entry.exists() and entry.parent == cache_home / "weights"
+    again = leanlm.load(smol_path, progress=False, compile="off")
+    assert _mapped(entry)  # buffers are views of the file, not a second copy in the heap
+    monkeypatch.setenv("LEANLM_WEIGHT_CACHE", "0")
+    fresh = leanlm.load(smol_path, progress=False, compile="off")  # repacked from the GGUF file
+    ref = fresh.logits(ids)
+    assert torch.equal(first.logits(ids), ref) and torch.equal(again.logits(ids), ref)
+    assert again.tokenizer.encode("Hello world") == fresh.tokenizer.encode("Hello world")
+    assert list(again.generate("The capital of France is", max_tokens=8, temperature=0)) == \
+        list(fresh.generate("The capital of France is", max_tokens=8, temperature=0))
+
+
+def test_entry_follows_the_file_and_ignores_damage(smol_path: Path, cache_home: Path) -> None:
+    copy = cache_home / "model.gguf"
+    shutil.copyfile(smol_path, copy)
+    entry = weight_cache.entry(copy, torch.bfloat16)
+    assert entry != weight_cache.entry(copy, torch.float16)
+    os.utime(copy, ns=(1, 1))  # a rewritten file (new modification time) is another entry
+    assert weight_cache.entry(copy, torch.bfloat16) != entry
+    entry = weight_cache.entry(copy, torch.bfloat16)
+    entry.parent.mkdir(parents=True)
+    entry.write_bytes(b"not a saved model")
+    assert weight_cache.load(copy, torch.bfloat16) is None
+    llm = leanlm.load(copy, progress=False, compile="off")  # loads the GGUF again and rewrites the entry
+    assert weight_cache.load(copy, torch.bfloat16) is not None
+    assert llm.tokenizer.encode("Hi") == weight_cache.load(copy, torch.bfloat16)[1].encode("Hi")
