@@ -237,9 +237,26 @@ at::Tensor int4_dense(const at::Tensor &w, const at::Tensor &scales, const at::T
     const auto *mp = reinterpret_cast<const uint16_t *>(mins.data_ptr());
     auto *op = reinterpret_cast<uint16_t *>(out.data_ptr());
     at::parallel_for(0, N / 16, 1, [&](int64_t t0, int64_t t1) {
-        std::vector<float> rows(16 * Ko);
+        std::vector<float> rows(P > 1 ? 16 * Ko : 0);
         alignas(64) uint8_t codes[16][32];
         for (int64_t t = t0; t < t1; t++) {
+            if (P == 1) {  // one plane: each weight rounded to bf16 straight into the output
+                for (int64_t g = 0; g < G; g++) {
+                    unpack_group(wp + (t * G + g) * (256 + 64 * H), H, codes);
+                    for (int64_t e = 0; e < NS; e++) {
+                        const uint16_t *st = sp + ((t * G + g) * NS + e) * 16, *bt = mp + ((t * G + g) * NS + e) * 16;
+                        for (int l = 0; l < 16; l++) {
+                            const __m512 s = _mm512_set1_ps(_cvtsh_ss(st[l])), b = _mm512_set1_ps(_cvtsh_ss(bt[l]));
+                            for (int64_t h = 32 / NS * e; h < 32 / NS * (e + 1); h += 16) {
+                                const __m512 q = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(codes[l] + h))));
+                                _mm256_storeu_si256((__m256i *)(op + (t * 16 + l) * Ko + g * 32 + h),
+                                                    (__m256i)_mm512_cvtneps_pbh(_mm512_fmadd_ps(q, s, b)));
+                            }
+                        }
+                    }
+                }
+                continue;
+            }
             std::fill(rows.begin(), rows.end(), 0.0f);
             for (int64_t g = 0; g < G; g++) {  // group g: plane g % P of input group g / P
                 unpack_group(wp + (t * G + g) * (256 + 64 * H), H, codes);
