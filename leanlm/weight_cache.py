@@ -73,7 +73,7 @@ def save(model: Transformer, tokenizer: Any, path: Path, dtype: torch.dtype) -> 
         where.parent.mkdir(parents=True, exist_ok=True)
         torch.save({"model": model, "tokenizer": tokenizer}, tmp)
         tmp.replace(where)
-    except OSError:  # a read-only or full disk costs speed, not the load
+    except Exception:  # a read-only or full disk (or anything unpicklable) costs speed, not the load
         tmp.unlink(missing_ok=True)
         return None
     return where
