@@ -29,10 +29,6 @@
 
 namespace {
 
-inline __m512 bf16x16(const at::BFloat16 *p) {  // 16 bf16 -> fp32
-    return vnni::load16(p);
-}
-
 // Tiles t .. t + NT - 1 for rows m0 .. m0 + R - 1 of y (M, N); every row computed by the same instructions
 // whatever R and NT are.
 template <int R, int NT>
@@ -69,7 +65,7 @@ void tile(const vnni::Quantized &q, const uint8_t *w, const at::BFloat16 *sc, fl
     }
 #pragma GCC unroll 2
     for (int u = 0; u < NT; u++) {
-        const __m512 s = bf16x16(sc + (t + u) * 16);
+        const __m512 s = vnni::load16(sc + (t + u) * 16);  // 16 bf16 row scales
 #pragma GCC unroll 4
         for (int j = 0; j < R; j++) _mm512_storeu_ps(y + (m0 + j) * N + (t + u) * 16, _mm512_mul_ps(acc[j][u], s));
     }
