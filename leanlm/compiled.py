@@ -9,7 +9,8 @@ about 2 s by later processes.
 The compiled function takes the model and the cache as arguments: weights are read from them at each
 call, never copied into the artifact. Everything the graph depends on that is not a tensor shape goes
 into the artifact's key (`layout_key`): the config, every parameter's and buffer's name, shape and
-dtype, the source of the modules the graph runs, torch's version and the batch kind (1 or >= 2).
+dtype, the source of the modules the graph runs and of our kernels, torch's version and the batch kind
+(1 or >= 2).
 Cache sizes, `kv_len` and the batch size (>= 2) are dynamic, so one artifact serves every context
 length. Torch's own guard check is switched off after loading (it rejects inference-mode tensors);
 `layout_key` is the guard.
@@ -80,6 +81,8 @@ def layout_key(model: Transformer, batch: int, tokens: int = 1) -> str:
     here = Path(__file__).parent
     for src in _SOURCES:
         h.update((here / src).read_bytes())
+    for src in sorted((here / "kernels").glob("*.[ch]*")):  # the graph calls our operators: a step built
+        h.update(src.read_bytes())  # against another build of them needs inductor to rebuild its C++ (which fails)
     return h.hexdigest()[:24]
 
 

@@ -20,6 +20,7 @@ from .hub import DEFAULT_MODEL, resolve_model
 from .loaders import load_model
 from .loaders.common import release_memory
 from .model import Transformer
+from .native_step import native_step
 from .proposers import DraftModel, PromptLookup, check_vocab
 from .proposers import early_exit as make_early_exit
 from .sampling import SamplingParams, sample
@@ -63,16 +64,23 @@ class LLM:
         self.last_spec: SpecStats | None = None
 
     def decode_step(self, batch: int = 1, mode: str | None = None, tokens: int = 1) -> DecodeStep:
-        """The decode step for this batch size (or with tokens > 1, speculative decoding's verify step):
-        compiled (compiled.py) per `mode` (default self.compile)."""
+        """The decode step for this batch size (or with tokens > 1, speculative decoding's verify step): one
+        C++ call where the model fits it (native_step.py), else compiled (compiled.py) per `mode` (default
+        self.compile); mode "off" keeps the eager step."""
         key = step_kind(batch, tokens)
         if key not in self._steps or mode is not None:
-            log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
-            self._steps[key] = get_step(self.model, batch, mode or self.compile, log, tokens)
+            mode = mode or self.compile
+            step = native_step(self.model, tokens) if mode != "off" else None
+            if step is None:
+                log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+                step = get_step(self.model, batch, mode, log, tokens)
+            self._steps[key] = step
         return self._steps[key]
 
     def decode_kind(self) -> str:
-        """'compiled' if a compiled decode step has been used, else 'eager'."""
+        """'native' or 'compiled' if such a decode step has been used, else 'eager'."""
+        if any(getattr(st, "native", False) for st in self._steps.values()):
+            return "native"
         eager = (decode_step, verify_step)
         return "compiled" if any(st not in eager for st in self._steps.values()) else "eager"
 

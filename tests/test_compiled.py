@@ -82,11 +82,12 @@ def test_layout_key_tracks_what_the_graph_depends_on(steps: dict, tmp_path: Path
 
 
 @pytest.mark.slow
-def test_real_model_compiled_decode_keeps_quality(smol_path: Path) -> None:
+def test_real_model_compiled_decode_keeps_quality(smol_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """SmolLM2 (int4 + int8 head, bf16 activations): the compiled step's teacher-forced perplexity over real
     text is within 1% of the fp32 reference's, and its greedy tokens follow the eager step's."""
     import leanlm
 
+    monkeypatch.setenv("LEANLM_NATIVE_STEP", "0")  # the compiled step, not native_step.py's
     text = (Path(__file__).parent / "fixtures" / "calibration.txt").read_text()[:2000]
     llm = leanlm.load(smol_path, progress=False)
     ids = llm.encode_prompt(text)[:160]
@@ -139,12 +140,13 @@ def test_compiled_verify_step_equals_eager(tmp_path: Path, monkeypatch: pytest.M
 
 
 @pytest.mark.slow  # compiles SmolLM2's decode and verify steps (about 5 minutes) unless they are cached
-def test_bf16_compiled_block_scores_like_single_steps(smol_path: Path) -> None:
+def test_bf16_compiled_block_scores_like_single_steps(smol_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Speculative decoding's exactness with compiled bf16 steps on the real model: the verify graph's logits
     for a block equal the decode graph's for the same tokens one at a time, bit for bit. Without inductor's
     emulate_precision_casts the two graphs kept different values in fp32 (logits apart by up to 0.9)."""
     import leanlm
 
+    monkeypatch.setenv("LEANLM_NATIVE_STEP", "0")  # the compiled steps, not native_step.py's
     llm = leanlm.load(smol_path, progress=False, compile="on")
     m = llm.model
     step, verify = llm.decode_step(1), llm.decode_step(1, tokens=2)

@@ -25,7 +25,11 @@
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
 #include <immintrin.h>
 
+#include "vnni.h"
+
 namespace {
+
+using vnni::exp16;
 
 inline __m512 load16(const float *p) { return _mm512_loadu_ps(p); }
 inline __m512 load16(const at::BFloat16 *p) {  // bf16 -> fp32: the high half of each float
@@ -50,21 +54,6 @@ inline __m512 sum16(__m512 *v) {
                                _mm512_shuffle_f32x4(b[2], b[3], _MM_SHUFFLE(3, 1, 3, 1)));
     return _mm512_add_ps(_mm512_shuffle_f32x4(e01, e23, _MM_SHUFFLE(2, 0, 2, 0)),
                          _mm512_shuffle_f32x4(e01, e23, _MM_SHUFFLE(3, 1, 3, 1)));
-}
-
-// e^x for x <= 0 (softmax after subtracting the max): x = n ln2 + r, e^r by its Taylor series to r^7
-// (|r| <= ln2 / 2: relative error < 2e-7), times 2^n; below -87 the result is 0 as float underflows anyway.
-inline __m512 exp16(__m512 x) {
-    const __m512 lo = _mm512_set1_ps(-87.0f);
-    const __mmask16 tiny = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
-    x = _mm512_max_ps(x, lo);
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);  // ln2 in two parts: exact n * hi
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.0f / 5040);
-    const float c[] = {1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f};
-    for (float ci : c) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(ci));
-    return _mm512_maskz_mov_ps(~tiny, _mm512_scalef_ps(p, n));
 }
 
 // Pointers and strides of one call (q (B, H, T, hd), k and v (B, KV, S, hd), mask (B, 1, T, S)), and where

@@ -1,0 +1,298 @@
+/* The decode step as one C++ call: leanlm_native::Decoder, a torch class built once per model by
+ * leanlm/native_step.py, runs model.py's forward for a few tokens per sequence (a decode step, a speculative
+ * block) without returning to Python or the dispatcher between operations.
+ *
+ * Why: after the weight kernels, a compiled decode step still spent ~1.5 ms per token around them (inductor's
+ * wrapper and its fused loops as ~200 small parallel regions, plus the graph's Python entry), and importing
+ * dynamo and loading a step costs ~140 MiB. Here the small work (norms, rope, the cache write, the
+ * activation, the residual adds) is plain loops on rows of a few hundred numbers, and the weight and
+ * attention kernels are called as C++ functions (kernels/ops.h).
+ *
+ * The arithmetic is model.py's in bf16, op for op: every value eager PyTorch would round to bf16 (a norm's
+ * output, each product and sum of the rotary embedding, the activation, the product gate * up, the residual
+ * sums) is rounded here at the same point, with fp32 inside each op; so this step agrees with the eager one
+ * up to the last bit of a transcendental function or of a sum's order. Each row of a call is computed the
+ * same way whatever the number of rows (speculative decoding relies on a verified block scoring like single
+ * steps).
+ */
+#include <torch/custom_class.h>
+#include <torch/library.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+
+#include <cmath>
+#include <cstdint>
+#include <map>
+#include <utility>
+#include <vector>
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
+#include <immintrin.h>
+
+#include "ops.h"
+#include "rows.h"
+
+namespace {
+
+using rows::bf16;
+using rows::gated;
+using rows::rb;
+using rows::rms_norm;
+using rows::rope;
+
+struct Linear {  // an Int4Linear in the VNNI layout: its first n outputs (the kernel pads to tiles of 16)
+    at::Tensor w, scales, mins;
+    int64_t n = 0;
+    at::Tensor operator()(const at::Tensor &x) const { return int4_mm(x, w, scales, mins); }  // (M, N16) bf16
+};
+
+struct Layer {
+    at::Tensor attn_norm, ffn_norm, post_attn_norm, post_ffn_norm, q_norm, k_norm;  // fp32, (1 + w) already
+    std::vector<Linear> qkv, gate_up;  // one fused module, or q, k, v / gate, up apart
+    Linear o, down;
+    int64_t window = -1, table = 0;  // window -1: full attention; table: which of the cache's slot tables
+    bool local = false;              // rotary embedding with the local base (Gemma 3's sliding layers)
+};
+
+// a loop over rows, on the thread pool only when there are many (a decode step's few rows stay inline)
+template <typename F>
+void for_rows(int64_t M, const F &f) {
+    at::parallel_for(0, M, 8, [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; r++) f(r);
+    });
+}
+
+struct Decoder : torch::CustomClassHolder {
+    int64_t D, H, KV, hd, rd, F, act_kind;
+    bool interleaved, qk_norm, post_norms;
+    double eps, attn_scale, embed_scale, softcap, rope_scale;  // embed_scale, softcap: 0 = none
+    at::Tensor freq_global, freq_local, emb_codes, emb_scales, norm, head_codes, head_scales;
+    std::vector<Layer> layers;
+
+    // Packed by native_step.py `decoder_args` (its docstring lists the order).
+    Decoder(std::vector<at::Tensor> t, std::vector<int64_t> i, std::vector<double> f) {
+        size_t ti = 0, ii = 0;
+        const auto T = [&] { return t.at(ti++); };
+        const auto I = [&] { return i.at(ii++); };
+        D = I(), H = I(), KV = I(), hd = I(), rd = I(), F = I(), act_kind = I();
+        interleaved = I(), qk_norm = I(), post_norms = I();
+        const int64_t n_layers = I();
+        eps = f.at(0), attn_scale = f.at(1), embed_scale = f.at(2), softcap = f.at(3), rope_scale = f.at(4);
+        freq_global = T(), freq_local = T(), emb_codes = T(), emb_scales = T(), norm = T();
+        head_codes = T(), head_scales = T();
+        const auto lin = [&] {
+            Linear l;
+            l.w = T(), l.scales = T(), l.mins = T(), l.n = I();
+            return l;
+        };
+        for (int64_t l = 0; l < n_layers; l++) {
+            Layer L;
+            L.window = I(), L.table = I(), L.local = I();
+            const int64_t n_qkv = I(), n_gate_up = I();
+            L.attn_norm = T(), L.ffn_norm = T();
+            if (post_norms) L.post_attn_norm = T(), L.post_ffn_norm = T();
+            if (qk_norm) L.q_norm = T(), L.k_norm = T();
+            for (int64_t j = 0; j < n_qkv; j++) L.qkv.push_back(lin());
+            L.o = lin();
+            for (int64_t j = 0; j < n_gate_up; j++) L.gate_up.push_back(lin());
+            L.down = lin();
+            layers.push_back(std::move(L));
+        }
+        TORCH_CHECK(ti == t.size() && ii == i.size(), "Decoder: unexpected argument count");
+    }
+
+    // The embedding rows of tokens (M,) into x (M, D) bf16: codes * scale rounded as model.py's Int8Embedding,
+    // from the head's tiled codes (uint8 = code + 128, kernels/int8_head.cpp), plain int8 rows, or bf16 rows.
+    void embed(const int64_t *tok, int64_t M, bf16 *x) const {
+        const auto dt = emb_codes.scalar_type();
+        const float es = embed_scale != 0 ? rb((float)embed_scale) : 1.0f;
+        for_rows(M, [&](int64_t m) {
+            const int64_t n = tok[m];
+            TORCH_CHECK(n >= 0 && n < emb_codes.size(0), "token id out of range");
+            bf16 *y = x + m * D;
+            if (dt == at::kBFloat16) {
+                for (int64_t d = 0; d < D; d++) y[d] = emb_codes.const_data_ptr<bf16>()[n * D + d];
+            } else {
+                const float s = (float)emb_scales.const_data_ptr<bf16>()[n];
+                for (int64_t d = 0; d < D; d++) {
+                    // tiled: tile n / 16, group d / 32 (512 bytes), vector d % 32 / 4 (64 bytes), lane n % 16, byte d % 4
+                    const int64_t at = (n / 16 * (D / 32) + d / 32) * 512 + d % 32 / 4 * 64 + n % 16 * 4 + d % 4;
+                    const float c = dt == at::kByte ? (float)emb_codes.const_data_ptr<uint8_t>()[at] - 128.0f
+                                                    : (float)emb_codes.const_data_ptr<int8_t>()[n * D + d];
+                    y[d] = bf16(c * s);
+                }
+            }
+            if (embed_scale != 0)
+                for (int64_t d = 0; d < D; d++) y[d] = bf16((float)y[d] * es);
+        });
+    }
+
+    // cos, sin (M, rd / 2) of each row's position, rounded to bf16 (model.py's rope_tables)
+    std::pair<std::vector<float>, std::vector<float>> rope_tables(const int64_t *pos, int64_t M, bool local) const {
+        const at::Tensor &fr = local ? freq_local : freq_global;
+        const float scale = local ? 1.0f : (float)rope_scale;
+        std::vector<float> c(M * rd / 2), s(M * rd / 2);
+        for (int64_t m = 0; m < M; m++)
+            for (int64_t i = 0; i < rd / 2; i++) {
+                const float a = ((float)pos[m] / scale) * fr.const_data_ptr<float>()[i];
+                c[m * rd / 2 + i] = rb(std::cos(a)), s[m * rd / 2 + i] = rb(std::sin(a));
+            }
+        return {c, s};
+    }
+
+    at::Tensor step(at::Tensor tokens, at::Tensor positions, int64_t kv_len, std::vector<at::Tensor> kv,
+                    std::vector<at::Tensor> tables, bool last_only) const;
+    at::Tensor attention(const Layer &L, const at::Tensor &xn, const int64_t *pos, int64_t B, int64_t T,
+                         int64_t kv_len, const at::Tensor &kc, const at::Tensor &vc, const at::Tensor &mask,
+                         const std::pair<std::vector<float>, std::vector<float>> &cs) const;
+    at::Tensor mlp(const Layer &L, const at::Tensor &xn) const;
+};
+
+// Mask (B, 1, T, n) of one slot table (B, S) and window (-1: none), cache.py's rule: the query at position q
+// sees slot s iff 0 <= p[s] <= q and q - p[s] < W.
+at::Tensor make_mask(const at::Tensor &tab, const int64_t *pos, int64_t B, int64_t T, int64_t n, int64_t W) {
+    at::Tensor mask = at::empty({B, 1, T, n}, at::TensorOptions().dtype(at::kBool));
+    bool *mp = mask.data_ptr<bool>();
+    const int64_t *tp = tab.const_data_ptr<int64_t>(), st = tab.stride(0);
+    for (int64_t m = 0; m < B * T; m++)
+        for (int64_t s = 0; s < n; s++) {
+            const int64_t p = tp[m / T * st + s], q = pos[m];
+            mp[m * n + s] = p >= 0 && p <= q && (W < 0 || q - p < W);
+        }
+    return mask;
+}
+
+// x (M, D) += norm(y) (or y) per row, y's first D columns (its rows may be padded), rounded as bf16 sums
+void add_rows(at::Tensor &x, const at::Tensor &y, const at::Tensor &norm, float eps) {
+    const int64_t M = x.size(0), D = x.size(1), ys = y.size(1);
+    bf16 *xp = x.data_ptr<bf16>();
+    const bf16 *yp = y.const_data_ptr<bf16>();
+    for_rows(M, [&](int64_t m) {
+        std::vector<bf16> tmp(D);
+        const bf16 *a = yp + m * ys;
+        if (norm.defined()) rms_norm(a, norm.const_data_ptr<float>(), eps, D, tmp.data()), a = tmp.data();
+        for (int64_t d = 0; d < D; d++) xp[m * D + d] = bf16((float)xp[m * D + d] + (float)a[d]);
+    });
+}
+
+void norm_rows(const at::Tensor &x, const at::Tensor &w, float eps, at::Tensor &y) {
+    const int64_t D = x.size(1);
+    for_rows(x.size(0), [&](int64_t m) {
+        rms_norm(x.const_data_ptr<bf16>() + m * D, w.const_data_ptr<float>(), eps, D, y.data_ptr<bf16>() + m * D);
+    });
+}
+
+// One layer's attention for the normalised rows xn (M = B T, D): q, k, v projections, q/k norms, rotary
+// embedding, the cache write at slot position % S, attention over the slots the mask allows, the output
+// projection -> (M, D16) bf16.
+at::Tensor Decoder::attention(const Layer &L, const at::Tensor &xn, const int64_t *pos, int64_t B, int64_t T,
+                              int64_t kv_len, const at::Tensor &kc, const at::Tensor &vc, const at::Tensor &mask,
+                              const std::pair<std::vector<float>, std::vector<float>> &cs) const {
+    const int64_t M = B * T, nq = H * hd, nk = KV * hd, h2 = rd / 2;
+    std::vector<at::Tensor> ys;
+    for (const Linear &lin : L.qkv) ys.push_back(lin(xn));  // fused: (M, N16) holding q | k | v; else three
+    const bool fused = ys.size() == 1;
+    const bf16 *src[3];
+    int64_t stride[3];
+    for (int j = 0; j < 3; j++) {
+        const at::Tensor &y = ys[fused ? 0 : j];
+        src[j] = y.const_data_ptr<bf16>() + (fused ? (j == 0 ? 0 : j == 1 ? nq : nq + nk) : 0);
+        stride[j] = y.size(1);
+    }
+    at::Tensor q = at::empty({B, T, H, hd}, xn.options());  // (B, T, H, hd)
+    bf16 *qp = q.data_ptr<bf16>(), *kp = kc.data_ptr<bf16>(), *vp = vc.data_ptr<bf16>();
+    const int64_t S = kc.size(2), ks0 = kc.stride(0), ks1 = kc.stride(1), ks2 = kc.stride(2);
+    const int64_t vs0 = vc.stride(0), vs1 = vc.stride(1), vs2 = vc.stride(2);
+    const float *qn = qk_norm ? L.q_norm.const_data_ptr<float>() : nullptr;
+    const float *kn = qk_norm ? L.k_norm.const_data_ptr<float>() : nullptr;
+    for_rows(M, [&](int64_t m) {
+        const int64_t b = m / T, slot = pos[m] % S;
+        const float *c = cs.first.data() + m * h2, *s = cs.second.data() + m * h2;
+        const auto head = [&](const bf16 *x, bf16 *y, const float *w) {  // (hd): copy, norm, rotate
+            for (int64_t d = 0; d < hd; d++) y[d] = x[d];
+            if (w != nullptr) rms_norm(y, w, (float)eps, hd, y);
+            rope(y, c, s, rd, interleaved);
+        };
+        for (int64_t h = 0; h < H; h++) head(src[0] + m * stride[0] + h * hd, qp + (m * H + h) * hd, qn);
+        for (int64_t h = 0; h < KV; h++) {
+            head(src[1] + m * stride[1] + h * hd, kp + b * ks0 + h * ks1 + slot * ks2, kn);
+            const bf16 *v = src[2] + m * stride[2] + h * hd;
+            bf16 *dv = vp + b * vs0 + h * vs1 + slot * vs2;
+            for (int64_t d = 0; d < hd; d++) dv[d] = v[d];
+        }
+    });
+    const int64_t n = std::min(kv_len, S);
+    at::Tensor o = attend(q.permute({0, 2, 1, 3}), kc.slice(2, 0, n), vc.slice(2, 0, n), mask, attn_scale);
+    if (T > 1) o = o.permute({0, 2, 1, 3}).contiguous();  // (B, H, T, hd) -> (B, T, H, hd)
+    return L.o(o.view({M, nq}));
+}
+
+// gate and up projections, act(gate) * up rounded as bf16 ops, the down projection -> (M, D16) bf16
+at::Tensor Decoder::mlp(const Layer &L, const at::Tensor &xn) const {
+    const int64_t M = xn.size(0);
+    std::vector<at::Tensor> ys;
+    for (const Linear &lin : L.gate_up) ys.push_back(lin(xn));  // fused: (M, N16) holding gate | up
+    const bf16 *g = ys[0].const_data_ptr<bf16>(), *u = ys.size() == 1 ? g + F : ys[1].const_data_ptr<bf16>();
+    const int64_t gs = ys[0].size(1), us = ys.back().size(1);
+    at::Tensor h = at::empty({M, F}, xn.options());
+    bf16 *hp = h.data_ptr<bf16>();
+    for_rows(M, [&](int64_t m) { gated(g + m * gs, u + m * us, hp + m * F, F, act_kind); });
+    return L.down(h);
+}
+
+// tokens, positions (B, T) -> logits (B, T, V) fp32 ((B, 1, V) if last_only): model.py's forward with a cache.
+// kv: each layer's K and V buffers (B, KV, S, hd) bf16; tables: the cache's slot tables (B, S) in
+// ModelCache.slot_pos order, where this step records the new positions (as ModelCache.prepare does).
+at::Tensor Decoder::step(at::Tensor tokens, at::Tensor positions, int64_t kv_len, std::vector<at::Tensor> kv,
+                         std::vector<at::Tensor> tables, bool last_only) const {
+    TORCH_CHECK(kv.size() == 2 * layers.size() && tokens.sizes() == positions.sizes() && tokens.dim() == 2,
+                "Decoder.step: bad arguments");
+    const int64_t B = positions.size(0), T = positions.size(1), M = B * T;
+    const at::Tensor tok = tokens.contiguous(), pos_t = positions.contiguous();
+    const int64_t *pos = pos_t.const_data_ptr<int64_t>();
+    at::Tensor x = at::empty({M, D}, at::TensorOptions().dtype(at::kBFloat16));  // the residual stream
+    embed(tok.const_data_ptr<int64_t>(), M, x.data_ptr<bf16>());
+    for (const at::Tensor &tab : tables) {  // slot = position % size
+        const int64_t S = tab.size(1), st = tab.stride(0);
+        for (int64_t m = 0; m < M; m++) tab.data_ptr<int64_t>()[m / T * st + pos[m] % S] = pos[m];
+    }
+    std::map<std::pair<int64_t, int64_t>, at::Tensor> masks;  // per (table, window)
+    std::map<bool, std::pair<std::vector<float>, std::vector<float>>> ropes;  // per base (local or global)
+    at::Tensor xn = at::empty({M, D}, x.options());
+    const float e = (float)eps;
+    for (size_t l = 0; l < layers.size(); l++) {
+        const Layer &L = layers[l];
+        const at::Tensor &tab = tables.at(L.table);
+        const auto key = std::make_pair(L.table, L.window);
+        if (!masks.count(key)) masks[key] = make_mask(tab, pos, B, T, std::min(kv_len, tab.size(1)), L.window);
+        if (!ropes.count(L.local)) ropes.emplace(L.local, rope_tables(pos, M, L.local));
+        norm_rows(x, L.attn_norm, e, xn);
+        add_rows(x, attention(L, xn, pos, B, T, kv_len, kv[2 * l], kv[2 * l + 1], masks[key], ropes[L.local]),
+                 L.post_attn_norm, e);
+        norm_rows(x, L.ffn_norm, e, xn);
+        add_rows(x, mlp(L, xn), L.post_ffn_norm, e);
+    }
+    const int64_t Tl = last_only ? 1 : T;
+    at::Tensor last = at::empty({B * Tl, D}, x.options());
+    for (int64_t r = 0; r < B * Tl; r++) {  // rows of the positions wanted, normalised
+        const int64_t m = last_only ? r * T + T - 1 : r;
+        rms_norm(x.const_data_ptr<bf16>() + m * D, norm.const_data_ptr<float>(), e, D, last.data_ptr<bf16>() + r * D);
+    }
+    at::Tensor logits = int8_mm(last, head_codes, head_scales);  // (B Tl, V) fp32
+    if (softcap != 0) {
+        float *lp = logits.data_ptr<float>();
+        const float cap = (float)softcap;
+        for (int64_t i = 0; i < logits.numel(); i++) lp[i] = std::tanh(lp[i] / cap) * cap;
+    }
+    return logits.view({B, Tl, -1});
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(leanlm_native, m) {
+    m.class_<Decoder>("Decoder")
+        .def(torch::init<std::vector<at::Tensor>, std::vector<int64_t>, std::vector<double>>())
+        .def("step", &Decoder::step);
+}
+#endif
