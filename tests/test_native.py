@@ -129,10 +129,13 @@ def test_int4_vnni_is_exact_integer_math(n: int, k: int, planes: int, bits: int,
 
 
 @needs_vnni
-def test_int4_vnni_dense_and_fused_modules() -> None:
-    """Prefill's dense bf16 weight is the held weight rounded once; fused modules compute their parts side by
-    side."""
+def test_int4_vnni_dense_and_fused_modules(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The dense bf16 weight is the held weight rounded once; fused modules compute their parts side by
+    side, on the kernel and on the dense path."""
+    from leanlm.quant import int4
     from leanlm.quant.int4 import DENSE_ROWS, Int4Linear
+
+    monkeypatch.setattr(int4, "VNNI_DENSE_ROWS", DENSE_ROWS)
 
     a, wa = _vnni_linear(64, 576, 2, 1)
     b, wb = _vnni_linear(32, 576, 2, 2)

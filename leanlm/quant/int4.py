@@ -35,9 +35,13 @@ from .dequant import _k4_scales as _k4_scales  # re-exported: moved to dequant.p
 Q = GGMLQuantizationType
 INT4_TYPES = (Q.Q4_0, Q.Q4_1, Q.Q4_K)
 GROUP = 32
-# From this many input rows on (prefill), the weight is unpacked to a temporary dense bf16 matrix and
-# multiplied by PyTorch's bf16 matmul: 2-4x the int4 kernel's speed at 512 rows, even at 64 (bench/NOTES.md).
+# From this many input rows on (prefill), a weight in PyTorch's int4 layout is unpacked to a temporary dense
+# bf16 matrix and multiplied by PyTorch's bf16 matmul: 2-4x its int4 kernel's speed at 512 rows, even at 64.
 DENSE_ROWS = 64
+# The same for our VNNI layout; None: never. Our kernel runs near the CPU's int8 peak from a few rows on and
+# needs no unpacking: prompts of 256 / 2048 tokens 1.18x / 1.04x faster on Gemma 3 and 1.38x / 1.05x on
+# SmolLM2 than through the dense path, which also held a temporary bf16 copy of each weight (bench/NOTES.md).
+VNNI_DENSE_ROWS: int | None = None
 
 
 @dataclass
@@ -208,7 +212,7 @@ class Int4Linear(nn.Module):
     def _forward_vnni(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.reshape(-1, self.in_features)  # (M, K)
         M = xf.shape[0]
-        if M >= DENSE_ROWS:  # prefill: bf16 matmul on a temporary dense weight
+        if VNNI_DENSE_ROWS is not None and M >= VNNI_DENSE_ROWS:  # bf16 matmul on a temporary dense weight
             y = F.linear(xf.to(torch.bfloat16), self.dense_bf16(), self.bias)
             return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
         if self.planes > 1:  # (M, K/32, P, 32): each group of inputs once per plane
