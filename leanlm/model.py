@@ -25,6 +25,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight.float() + 1.0 if self.add_one else self.weight.float()
+        if x.dtype == torch.bfloat16 and x.device.type == "cpu" and _native_rows():  # the same math, one pass
+            return torch.ops.leanlm_native.rms_norm(x, w, self.eps)  # (kernels/rowops.cpp)
         return F.rms_norm(x.float(), w.shape, w, self.eps).to(x.dtype)  # normalise in fp32
 
 
@@ -134,6 +136,11 @@ def _native_attention() -> bool:
     return native.attention()
 
 
+def _native_rows() -> bool:
+    """Norms and gated activations of bf16 rows on our operators? (marked by compiled.py as above)"""
+    return native.row_ops()
+
+
 class FeedForward(nn.Module):
     """Gated MLP: w2(act(w1 x) * w3 x)  (w1 = gate, w3 = up, w2 = down)."""
 
@@ -150,6 +157,8 @@ class FeedForward(nn.Module):
             g, u = self.w13(x).chunk(2, dim=-1)
         else:
             g, u = self.w1(x), self.w3(x)
+        if g.dtype == torch.bfloat16 and g.device.type == "cpu" and _native_rows():  # the same math, one pass
+            return self.w2(torch.ops.leanlm_native.gated(g, u, int(self.act != "silu")))  # (kernels/rowops.cpp)
         g = F.silu(g) if self.act == "silu" else F.gelu(g, approximate="tanh")
         return self.w2(g * u)
 

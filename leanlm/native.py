@@ -112,7 +112,18 @@ def ops_library() -> bool:
     if hasattr(ops, "attend"):
         torch.library.register_fake("leanlm_native::attend")(lambda q, k, v, mask, scale: torch.empty_like(
             q, memory_format=torch.contiguous_format))
+    if hasattr(ops, "rms_norm"):
+        torch.library.register_fake("leanlm_native::rms_norm")(lambda x, w, eps: torch.empty_like(
+            x, memory_format=torch.contiguous_format))
+        torch.library.register_fake("leanlm_native::gated")(lambda g, u, kind: torch.empty_like(
+            g, memory_format=torch.contiguous_format))
     return True
+
+
+def row_ops() -> bool:
+    """Do bf16 norms and gated activations run on our operators (kernels/rowops.cpp)? LEANLM_NATIVE_ROWS=0: no."""
+    return (os.environ.get("LEANLM_NATIVE_ROWS", "1") != "0" and ops_library()
+            and hasattr(torch.ops.leanlm_native, "rms_norm"))
 
 
 def attention() -> bool:

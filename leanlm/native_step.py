@@ -4,8 +4,9 @@ A compiled decode step (compiled.py) still spends about 1.5 ms per token outside
 CPU (inductor's wrapper and ~200 small fused loops, the graph's Python entry), and importing dynamo plus
 loading a step costs ~140 MiB. `leanlm_native::Decoder` holds the model's tensors (no copies: the same
 storage as the modules') and runs model.py's forward for a few tokens per sequence in C++, rounding to bf16
-exactly where the eager model does. It serves the same four kinds as compiled steps (one sequence or a
-batch, one token or a speculative block) with the same signature, so callers do not know which they got.
+exactly where the eager model does (its logits equal the eager step's on the models tested). It serves the
+same four kinds as compiled steps (one sequence or a batch, one token or a speculative block) with the same
+signature, so callers do not know which they got.
 
 It applies when the model is in bf16 on the CPU with our operators built, every projection is an
 Int4Linear in the VNNI layout (one plane, no bias), the head is the tiled int8 operator, and the

@@ -245,3 +245,23 @@ def test_int4_vnni_16_wide_scales(m: int) -> None:
     xq = (torch.round(xg * (torch.full_like(amax, 127) / amax)) * (amax / 127)).view(m, k)
     ref, terms = xq.double() @ w.double().T, xq.double().abs() @ w.double().abs().T
     assert ((lin(x).double() - ref).abs() <= 1e-5 * terms).all()
+
+
+# --- row operators (kernels/rowops.cpp) ----------------------------------------------------------------------
+@pytest.mark.skipif(not native.row_ops(), reason="no AVX-512 BF16 here (model.py's PyTorch ops run)")
+def test_row_operators_match_pytorch() -> None:
+    """rms_norm and gated activations on bf16 rows: the fp32 (norm) and float64 (activations) results rounded
+    once per op, to within one bf16 step (the sum's order, rsqrt and exp differ in the last fp32 bit)."""
+    import torch.nn.functional as F
+
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.randn(37, 640, generator=gen) * 3).bfloat16()
+    w = torch.randn(640, generator=gen)
+    ref = F.rms_norm(x.float(), (640,), w, 1e-6)
+    got = torch.ops.leanlm_native.rms_norm(x, w, 1e-6)
+    assert got.dtype == torch.bfloat16 and ((got.float() - ref).abs() <= 2**-7 * ref.abs() + 1e-6).all()
+    g, u = (torch.randn(2, 5, 2048, generator=gen) * 4).bfloat16().unbind(0)
+    for kind, act in ((0, F.silu), (1, lambda t: F.gelu(t, approximate="tanh"))):
+        ref = (act(g.double()).bfloat16().float() * u.float())
+        got = torch.ops.leanlm_native.gated(g, u, kind).float()
+        assert ((got - ref).abs() <= 2**-7 * ref.abs() + 1e-6).all(), kind

@@ -34,20 +34,21 @@ inline void rope(bf16 *x, const float *c, const float *s, int64_t rd, bool inter
     }
 }
 
-inline float act(float g, int64_t kind) {  // 0: silu, 1: gelu (tanh approximation), fp32 as torch's
-    if (kind == 0) return g / (1.0f + std::exp(-g));
-    const float kBeta = 0.7978845608028654f, kKappa = 0.044715f;
-    return 0.5f * g * (1.0f + std::tanh(kBeta * (g + kKappa * g * g * g)));
+// 0: silu, 1: gelu (tanh approximation) in fp32, the latter as g * sigmoid(2 y) = 0.5 g (1 + tanh(y)), which
+// has no cancellation where tanh(y) is close to -1 (large negative g)
+inline float act(float g, int64_t kind) {
+    const float z = kind == 0 ? g : 2.0f * 0.7978845608028654f * (g + 0.044715f * g * g * g);
+    return g / (1.0f + std::exp(-z));
 }
 
-inline __m512 act16(__m512 g, int64_t kind) {  // act on 16 lanes; tanh(y) = 1 - 2 / (e^2y + 1)
+inline __m512 act16(__m512 g, int64_t kind) {  // act on 16 lanes
+    __m512 z = g;
+    if (kind != 0) {
+        const __m512 g3 = _mm512_mul_ps(_mm512_mul_ps(g, g), g);
+        z = _mm512_mul_ps(_mm512_set1_ps(2.0f * 0.7978845608028654f), _mm512_fmadd_ps(_mm512_set1_ps(0.044715f), g3, g));
+    }
     const __m512 one = _mm512_set1_ps(1.0f);
-    if (kind == 0) return _mm512_div_ps(g, _mm512_add_ps(one, vnni::exp16(_mm512_sub_ps(_mm512_setzero_ps(), g))));
-    const __m512 g3 = _mm512_mul_ps(_mm512_mul_ps(g, g), g);
-    const __m512 y = _mm512_mul_ps(_mm512_set1_ps(0.7978845608028654f), _mm512_fmadd_ps(_mm512_set1_ps(0.044715f), g3, g));
-    const __m512 e = vnni::exp16(_mm512_add_ps(y, y));
-    const __m512 t = _mm512_sub_ps(one, _mm512_div_ps(_mm512_set1_ps(2.0f), _mm512_add_ps(e, one)));
-    return _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), g), _mm512_add_ps(one, t));
+    return _mm512_div_ps(g, _mm512_add_ps(one, vnni::exp16(_mm512_sub_ps(_mm512_setzero_ps(), z))));
 }
 
 inline __m512 round16(__m512 v) {  // to bf16 and back, nearest even
