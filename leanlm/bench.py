@@ -198,7 +198,7 @@ def print_table(out: dict[str, Any]) -> None:
     ratios = out.get("ratios_leanlm_over_llamacpp")
     print(f"model {out['model']}: prompt {out['prompt_tokens']} tokens, {out['gen_tokens']} generated per sequence, "
           f"{out['threads']} threads, dtype {out['dtype']} (leanlm: {out['leanlm']['dtype']}, decode step "
-          f"compile={out['leanlm']['compile']})")
+          f"{out['leanlm'].get('decode_step', '?')}, compile={out['leanlm']['compile']})")
     print(f"{'':32}" + "".join(f"{LABELS[e]:>12}" for e in engines) + (f"{'leanlm/llama.cpp':>18}" if ratios else ""))
 
     def row(label: str, fmt: str, values: list[float | None], ratio: float | None) -> None:

@@ -155,7 +155,7 @@ def run_leanlm(spec: BenchSpec, ids: list[int]) -> dict[str, Any]:
     total, per_step = weight_bytes(model)
     return {"engine": "leanlm", "version": f"leanlm {__version__}, torch {torch.__version__}",
             "threads": torch.get_num_threads(), "dtype": str(model.dtype).removeprefix("torch."),
-            "load_s": load_s, "step_load_s": step_load_s, "compile": spec.compile,
+            "load_s": load_s, "step_load_s": step_load_s, "compile": spec.compile, "decode_step": llm.decode_kind(),
             "weight_bytes": total, "weight_bytes_per_step": per_step,
             "base_rss_mib": base, "peak_rss_mib": peak_rss_mib(), "runs": runs}
 
