@@ -51,7 +51,12 @@ def _check_against_llamacpp(path: Path, name: str, ctx: int, chunks: int | None,
     assert res.n_tokens_scored == n * (ctx - 1 - ctx // 2)
     want = rec["per_chunk"][n - 1]  # llama.cpp's running perplexity after n windows
     assert abs(res.perplexity / want - 1) < TOLERANCE, f"ours {res.perplexity:.4f} vs llama.cpp {want:.4f}"
-    for ours, theirs in zip(res.per_chunk, rec["per_chunk"]):
+    # window by window: the exact path against llama.cpp; a fast path (int8 activations, as llama.cpp's own)
+    # against our exact one, the reference the issue sets, since llama.cpp's first Gemma window is itself
+    # 0.8% from exact math and a fast path closer to exact can sit 1% from llama.cpp's there
+    ref = rec["per_chunk"] if dtype == "float32" else \
+        perplexity(load(path, dtype="float32", progress=False), TEXT, ctx, max_chunks=chunks, progress=False).per_chunk
+    for ours, theirs in zip(res.per_chunk, ref):
         assert abs(ours / theirs - 1) < TOLERANCE
 
 
