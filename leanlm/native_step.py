@@ -46,7 +46,7 @@ def decoder_args(model: Transformer) -> tuple[list[torch.Tensor], list[int], lis
 
     ints: dim, heads, kv heads, head dim, rotary dims, MLP width, activation (0 silu, 1 gelu), interleaved
     rope, qk norm, post norms, layers; then per layer: window (-1 none), slot table, local rope, number of
-    q/k/v modules (1 fused or 3), of gate/up modules (1 or 2); then each projection's output count.
+    q/k/v modules (1 fused or 3), of gate/up modules (1 or 2).
     floats: norm eps, attention scale, embedding scale (0 none), final softcap (0 none), rope scale.
     tensors: inverse rope frequencies (global, local), embedding codes and scales, final norm, head codes and
     scales; per layer: attention and MLP norms, post norms (if any), q/k norms (if any), then each projection
@@ -91,7 +91,6 @@ def decoder_args(model: Transformer) -> tuple[list[torch.Tensor], list[int], lis
             tensors += [_norm(a.q_norm), _norm(a.k_norm)]
         for lin in qkv + o + gate_up + down:
             tensors += [lin.w4, lin.scales, lin.mins]
-            ints.append(lin.out_features)
     return tensors, ints, floats
 
 

@@ -41,9 +41,8 @@ using rows::rb;
 using rows::rms_norm;
 using rows::rope;
 
-struct Linear {  // an Int4Linear in the VNNI layout: its first n outputs (the kernel pads to tiles of 16)
+struct Linear {  // an Int4Linear in the VNNI layout (outputs padded to tiles of 16; callers read what they need)
     at::Tensor w, scales, mins;
-    int64_t n = 0;
     at::Tensor operator()(const at::Tensor &x) const { return int4_mm(x, w, scales, mins); }  // (M, N16) bf16
 };
 
@@ -83,7 +82,7 @@ struct Decoder : torch::CustomClassHolder {
         head_codes = T(), head_scales = T();
         const auto lin = [&] {
             Linear l;
-            l.w = T(), l.scales = T(), l.mins = T(), l.n = I();
+            l.w = T(), l.scales = T(), l.mins = T();
             return l;
         };
         for (int64_t l = 0; l < n_layers; l++) {
