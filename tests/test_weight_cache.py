@@ -37,7 +37,9 @@ def test_second_load_maps_the_saved_model_and_computes_the_same(smol_path: Path,
     fresh = leanlm.load(smol_path, progress=False, compile="off")  # repacked from the GGUF file
     ref = fresh.logits(ids)
     assert torch.equal(first.logits(ids), ref) and torch.equal(again.logits(ids), ref)
-    assert again.tokenizer.encode("Hello world") == fresh.tokenizer.encode("Hello world")
+    # the saved tokenizer rebuilds its BPE from the merges it kept: every merge rank must survive
+    text = "Hello world! Tokenizers' merges: 12345 naïve café, déjà vu — 東京 <|im_start|>user\n  indented"
+    assert again.tokenizer.encode(text, special=True) == fresh.tokenizer.encode(text, special=True)
     assert list(again.generate("The capital of France is", max_tokens=8, temperature=0)) == \
         list(fresh.generate("The capital of France is", max_tokens=8, temperature=0))
 
