@@ -111,6 +111,7 @@ def compile_step(model: Transformer, batch: int, path: Path, tokens: int = 1) ->
 
     torch.compiler.assume_constant_result(model_code._native_attention)  # asked once while tracing, not traced
     torch.compiler.assume_constant_result(model_code._native_rows)
+    torch.compiler.assume_constant_result(model_code._native_flash)
     fn = torch.compile(verify_step if tokens > 1 else decode_step, dynamic=True, fullgraph=True)
     # no duck shaping: two sizes that happen to be equal in the example (a 64-slot buffer and a head dim
     # of 64) must not be assumed equal forever. emulate_precision_casts: round wherever the model casts to

@@ -97,6 +97,9 @@ class Attention(nn.Module):
             k, v = kv.view(kv_len)  # (B, KV, S, hd)
         if T <= FEW_QUERIES and cfg.attn_softcap is None:
             o = self._few_query_attention(q, k, v, mask)
+        elif cfg.attn_softcap is None and q.dtype == torch.bfloat16 and q.device.type == "cpu" and \
+                hd in (64, 96, 128, 256) and _native_flash():  # blocks the mask rules out are skipped
+            o = torch.ops.leanlm_native.flash_attend(q, k, v, mask, self.scale)  # (kernels/flash.cpp)
         elif cfg.attn_softcap is None:
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale,
                                                enable_gqa=cfg.n_kv_heads != cfg.n_heads)
@@ -134,6 +137,11 @@ def _native_attention() -> bool:
     """compiled.py marks this with `torch.compiler.assume_constant_result` before tracing, so a compiled graph
     asks once (the call may build the library); marking it here would import dynamo into every process (1 s)."""
     return native.attention()
+
+
+def _native_flash() -> bool:
+    """Do prompts' bf16 attention run on our operator (kernels/flash.cpp)? (marked by compiled.py as above)"""
+    return native.flash_attention()
 
 
 def _native_rows() -> bool:

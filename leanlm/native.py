@@ -112,6 +112,9 @@ def ops_library() -> bool:
     if hasattr(ops, "attend"):
         torch.library.register_fake("leanlm_native::attend")(lambda q, k, v, mask, scale: torch.empty_like(
             q, memory_format=torch.contiguous_format))
+    if hasattr(ops, "flash_attend"):
+        torch.library.register_fake("leanlm_native::flash_attend")(lambda q, k, v, mask, scale: q.new_empty(
+            q.shape[0], q.shape[2], q.shape[1], q.shape[3]).transpose(1, 2))
     if hasattr(ops, "rms_norm"):
         torch.library.register_fake("leanlm_native::rms_norm")(lambda x, w, eps: torch.empty_like(
             x, memory_format=torch.contiguous_format))
@@ -130,6 +133,12 @@ def attention() -> bool:
     """Does few-query attention run on our operator (kernels/attention.cpp)? LEANLM_NATIVE_ATTENTION=0: no."""
     return (os.environ.get("LEANLM_NATIVE_ATTENTION", "1") != "0" and ops_library()
             and hasattr(torch.ops.leanlm_native, "attend"))
+
+
+def flash_attention() -> bool:
+    """Does prompts' bf16 attention run on our operator (kernels/flash.cpp)? LEANLM_NATIVE_FLASH=0: no (SDPA)."""
+    return (os.environ.get("LEANLM_NATIVE_FLASH", "1") != "0" and ops_library()
+            and hasattr(torch.ops.leanlm_native, "flash_attend"))
 
 
 def int4_vnni() -> bool:

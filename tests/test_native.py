@@ -172,6 +172,37 @@ def test_attention_operator_is_the_reference_math(dtype: torch.dtype, B: int, H:
     assert torch.equal(last, got[:, :, -1:])
 
 
+# --- prompt attention (kernels/flash.cpp) ------------------------------------------------------------------------
+@pytest.mark.skipif(not native.flash_attention(), reason="no AVX-512 BF16 here (SDPA runs)")
+@pytest.mark.parametrize(("B", "H", "KV", "T", "hd", "S", "window", "rolling"),
+                         [(1, 4, 1, 100, 256, 300, 64, False), (2, 9, 3, 37, 64, 70, None, False),
+                          (1, 8, 2, 33, 128, 33, None, False), (1, 4, 4, 20, 96, 41, 7, False),
+                          (1, 4, 1, 50, 256, 48, 16, True)])
+def test_prompt_attention_operator_is_the_reference_math(B: int, H: int, KV: int, T: int, hd: int, S: int,
+                                                         window: int | None, rolling: bool) -> None:
+    """Softmax attention over the keys the mask allows, for many queries: causal and windowed masks, a rolling
+    buffer (slots out of position order), grouped-query heads, blocks cut at T and S, a second sequence whose
+    keys are all masked for some queries (which get zeros), strided queries and cache views."""
+    g = torch.Generator().manual_seed(T)
+    q = torch.randn(B, T, H, hd, generator=g).bfloat16().transpose(1, 2)  # (B, H, T, hd) strided
+    k, v = (torch.randn(B, KV, S + 5, hd, generator=g).bfloat16()[:, :, :S] for _ in range(2))
+    qpos = torch.arange(200, 200 + T)
+    kpos = torch.arange(200 + T - S, 200 + T)
+    if rolling:  # slot s holds the position p with p % S == s
+        kpos = kpos[torch.argsort(kpos % S)]
+    mask = (kpos[None] <= qpos[:, None]) & ((qpos[:, None] - kpos[None] < window) if window else True)
+    mask = mask[None, None].repeat(B, 1, 1, 1)
+    if B > 1:
+        mask[1, :, : T // 2] = False
+    got = torch.ops.leanlm_native.flash_attend(q, k, v, mask, hd**-0.5)
+    rep = H // KV
+    s = (q.float() @ k.float().repeat_interleave(rep, 1).transpose(-1, -2)) * hd**-0.5
+    p = torch.softmax(s.masked_fill(~mask, -torch.inf), -1).nan_to_num(0.0)
+    ref = p @ v.float().repeat_interleave(rep, 1)
+    assert got.shape == ref.shape
+    assert ((got.float() - ref).abs() <= 2**-8 * (1 + ref.abs())).all()  # bf16: the output's and p's rounding
+
+
 @needs_vnni
 @pytest.mark.parametrize("bits", [4, 5, 8])
 def test_int4_vnni_layout_unpacks_and_widens(bits: int) -> None:
