@@ -98,6 +98,7 @@ def greedy_batch(model: Transformer, prompt: list[int], batch: int, gen: int, ch
 
     from .cache import ModelCache
     from .compiled import decode_step
+    from .sampling import argmax
 
     step = step or decode_step
     n, device = len(prompt), model.device
@@ -112,13 +113,13 @@ def greedy_batch(model: Transformer, prompt: list[int], batch: int, gen: int, ch
             pos = torch.arange(s, s + piece.shape[1], device=device).expand(batch, -1)
             cache.kv_len = s + piece.shape[1]
             logits = model(piece, pos, cache, last_only=True)[:, -1]
-        out[:, 0] = tok = logits.argmax(-1)
+        out[:, 0] = tok = argmax(logits)
         ttft = time.perf_counter() - t0
         t1 = time.perf_counter()
         for i in range(1, gen):
             pos = torch.full((batch, 1), n + i - 1, device=device)
             cache.kv_len = n + i
-            out[:, i] = tok = step(model, cache, tok.view(batch, 1), pos, n + i).argmax(-1)
+            out[:, i] = tok = argmax(step(model, cache, tok.view(batch, 1), pos, n + i))
         decode_s = time.perf_counter() - t1
     return out.tolist(), ttft, decode_s
 
@@ -129,6 +130,7 @@ def run_leanlm(spec: BenchSpec, ids: list[int]) -> dict[str, Any]:
     from . import __version__
     from .generate import GenStats, generate_ids
     from .llm import load
+    from .sampling import argmax
 
     base = rss_mib()
     t0 = time.perf_counter()
@@ -138,7 +140,7 @@ def run_leanlm(spec: BenchSpec, ids: list[int]) -> dict[str, Any]:
     if len(ids) + spec.gen_tokens > model.cfg.context_length:
         raise LeanLMError(f"prompt + generated tokens ({len(ids) + spec.gen_tokens}) exceed the model's context "
                           f"of {model.cfg.context_length}")
-    greedy = lambda logits, hist: logits.float().argmax(-1)
+    greedy = lambda logits, hist: argmax(logits.float())
     t0 = time.perf_counter()
     steps = {b: llm.decode_step(b, spec.compile) for b in spec.batches}  # compiled steps load (or build) here
     step_load_s = time.perf_counter() - t0

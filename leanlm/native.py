@@ -118,6 +118,7 @@ def ops_library() -> bool:
     if hasattr(ops, "rms_norm"):
         torch.library.register_fake("leanlm_native::rms_norm")(lambda x, w, eps: torch.empty_like(
             x, memory_format=torch.contiguous_format))
+        torch.library.register_fake("leanlm_native::argmax")(lambda x: x.new_empty(x.shape[0], dtype=torch.long))
         torch.library.register_fake("leanlm_native::gated")(lambda g, u, kind: torch.empty_like(
             g, memory_format=torch.contiguous_format))
     return True
@@ -133,6 +134,11 @@ def attention() -> bool:
     """Does few-query attention run on our operator (kernels/attention.cpp)? LEANLM_NATIVE_ATTENTION=0: no."""
     return (os.environ.get("LEANLM_NATIVE_ATTENTION", "1") != "0" and ops_library()
             and hasattr(torch.ops.leanlm_native, "attend"))
+
+
+def argmax() -> bool:
+    """Does greedy choice over fp32 logits run on our operator (kernels/rowops.cpp)? LEANLM_NATIVE_ROWS=0: no."""
+    return row_ops() and hasattr(torch.ops.leanlm_native, "argmax")
 
 
 def flash_attention() -> bool:

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import native
 from .errors import LeanLMError
 
 
@@ -81,6 +82,14 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float, min_p: float) 
     return logits
 
 
+def argmax(logits: torch.Tensor) -> torch.Tensor:
+    """Greedy choice per row (B, V) -> (B,), the first maximum on ties: our vectorised operator for fp32 logits
+    on the CPU (kernels/rowops.cpp; torch.argmax spent 0.22 ms of a Gemma 3 decode step on 262144 logits)."""
+    if logits.device.type == "cpu" and logits.dtype == torch.float32 and logits.dim() == 2 and native.argmax():
+        return torch.ops.leanlm_native.argmax(logits)
+    return logits.argmax(-1)
+
+
 def sample(logits: torch.Tensor, params: SamplingParams, history: torch.Tensor | None = None,
            generator: torch.Generator | None = None) -> torch.Tensor:
     """Pick the next token for each row of logits (B, V) -> (B,). No host sync."""
@@ -88,7 +97,7 @@ def sample(logits: torch.Tensor, params: SamplingParams, history: torch.Tensor |
     if history is not None and params.repeat_penalty != 1.0 and params.repeat_last_n > 0:
         logits = apply_repeat_penalty(logits, history[..., -params.repeat_last_n:], params.repeat_penalty)
     if params.greedy:
-        return logits.argmax(-1)
+        return argmax(logits)
     logits = filter_logits(logits / params.temperature, params.top_k, params.top_p, params.min_p)
     probs = torch.softmax(logits, -1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

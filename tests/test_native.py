@@ -279,6 +279,24 @@ def test_int4_vnni_16_wide_scales(m: int) -> None:
 
 
 # --- row operators (kernels/rowops.cpp) ----------------------------------------------------------------------
+@pytest.mark.skipif(not native.argmax(), reason="no AVX-512 here (torch.argmax runs)")
+@pytest.mark.parametrize("V", [1, 17, 49152, 262147])
+def test_argmax_operator_is_torch_argmax(V: int) -> None:
+    """Greedy decoding's choice: the first maximum on ties (within and across lanes, in the tail past the
+    last 16), rows of -inf, and rows with a NaN as torch.argmax has them."""
+    from leanlm.sampling import argmax
+
+    g = torch.Generator().manual_seed(V)
+    x = torch.randn(6, V, generator=g)
+    x[1] = -torch.inf
+    x[2] = x[2].round()  # many ties at the maximum
+    x[3, V // 2] = x[3, V - 1] = 100.0
+    x[4, V - 1] = 100.0
+    x[5, V // 3] = torch.nan
+    assert torch.equal(argmax(x), x.argmax(-1))
+    assert torch.equal(torch.ops.leanlm_native.argmax(x), x.argmax(-1))
+
+
 @pytest.mark.skipif(not native.row_ops(), reason="no AVX-512 BF16 here (model.py's PyTorch ops run)")
 def test_row_operators_match_pytorch() -> None:
     """rms_norm and gated activations on bf16 rows: the fp32 (norm) and float64 (activations) results rounded
