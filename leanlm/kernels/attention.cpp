@@ -103,15 +103,19 @@ inline float softmax_weights(float *s, int64_t S, __m512 mxv) {
 // forbids (or past S) get -inf.
 template <typename T, typename Dot>
 inline __m512 score16(const Rows<T> &L, const typename Rows<T>::Task &r, int64_t j0, float sc, Dot dot) {
-    __m512 d[16];
     __mmask16 allowed = 0;
-    for (int64_t jj = 0; jj < 16; jj++) {
-        const bool ok = j0 + jj < L.S && r.mask[(j0 + jj) * L.ms3];
-        d[jj] = ok ? dot(r.k + (j0 + jj) * L.ks2) : _mm512_setzero_ps();
-        allowed |= (__mmask16)((ok ? 1u : 0u) << jj);
+    if (L.ms3 == 1 && j0 + 16 <= L.S) {  // 16 mask bytes at once
+        allowed = _mm_cmpneq_epi8_mask(_mm_loadu_si128((const __m128i *)(r.mask + j0)), _mm_setzero_si128());
+    } else {
+        for (int64_t jj = 0; jj < 16; jj++)
+            if (j0 + jj < L.S && r.mask[(j0 + jj) * L.ms3]) allowed |= (__mmask16)(1u << jj);
     }
-    return _mm512_mask_blend_ps(allowed, _mm512_set1_ps(-std::numeric_limits<float>::infinity()),
-                                _mm512_mul_ps(sum16(d), _mm512_set1_ps(sc)));
+    const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+    if (allowed == 0) return ninf;
+    __m512 d[16];
+    for (int64_t jj = 0; jj < 16; jj++)
+        d[jj] = (allowed >> jj) & 1 ? dot(r.k + (j0 + jj) * L.ks2) : _mm512_setzero_ps();
+    return _mm512_mask_blend_ps(allowed, ninf, _mm512_mul_ps(sum16(d), _mm512_set1_ps(sc)));
 }
 
 template <typename T>
@@ -183,16 +187,27 @@ void attend_bf16(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v, 
             }
             const float inv = softmax_weights(s.data(), S, mxv);
             for (int c = 0; c < NV; c++) ae[c] = ao[c] = _mm512_setzero_ps();
-            for (int64_t j = 0; j < S; j++) {  // (masked keys have p = 0: no branch)
+            // (masked keys have p = 0: no branch.) With few columns a key's FMAs are short chains: keys
+            // alternate between two sets of sums, added at the end, so the chains do not wait on each other
+            constexpr int SETS = NV <= 4 ? 2 : 1;
+            __m512 be[NV], bo[NV];
+            for (int c = 0; c < NV; c++) be[c] = bo[c] = _mm512_setzero_ps();
+            const auto add_key = [&](int64_t j, __m512 *e, __m512 *o) {
                 const __m512 p = _mm512_set1_ps(s[j] * inv);
                 const T *vr = r.v + j * L.vs2;
 #pragma GCC unroll 8
                 for (int c = 0; c < NV; c++) {
                     const __m512i x = _mm512_loadu_si512((const void *)(vr + c * 32));
-                    ae[c] = _mm512_fmadd_ps(p, _mm512_castsi512_ps(_mm512_slli_epi32(x, 16)), ae[c]);
-                    ao[c] = _mm512_fmadd_ps(p, _mm512_castsi512_ps(_mm512_and_si512(x, high)), ao[c]);
+                    e[c] = _mm512_fmadd_ps(p, _mm512_castsi512_ps(_mm512_slli_epi32(x, 16)), e[c]);
+                    o[c] = _mm512_fmadd_ps(p, _mm512_castsi512_ps(_mm512_and_si512(x, high)), o[c]);
                 }
-            }
+            };
+            int64_t j = 0;
+            if (SETS == 2)
+                for (; j + 2 <= S; j += 2) add_key(j, ae, ao), add_key(j + 1, be, bo);
+            for (; j < S; j++) add_key(j, ae, ao);
+            if (SETS == 2)
+                for (int c = 0; c < NV; c++) ae[c] = _mm512_add_ps(ae[c], be[c]), ao[c] = _mm512_add_ps(ao[c], bo[c]);
             for (int c = 0; c < NV; c++) {
                 _mm512_storeu_ps(even.data() + c * 16, ae[c]);
                 _mm512_storeu_ps(odd.data() + c * 16, ao[c]);
