@@ -9,7 +9,9 @@ tokenizer, built from the file's metadata (0.35 s for SmolLM2's 49152 tokens), i
 
 The key covers everything the saved layout depends on: the GGUF file (resolved path, size, modification
 time), the compute dtype, torch's version, which of our kernels this CPU runs (they choose the layout), and
-the source of the code that builds it. A damaged or unreadable entry is ignored (the file is loaded again).
+the source of the code that builds it. A damaged or unreadable entry is ignored (the file is loaded again);
+saving an entry deletes the ones it replaces (same file and dtype, older key), so upgrades do not pile up
+copies of the model on disk.
 `LEANLM_WEIGHT_CACHE=0` turns the cache off.
 """
 
@@ -43,7 +45,18 @@ def entry(path: Path, dtype: torch.dtype) -> Path:
     for src in _SOURCES:
         h.update((here / src).read_bytes())
     root = Path(os.environ.get("LEANLM_CACHE") or Path.home() / ".cache" / "leanlm")
-    return root / "weights" / f"{path.stem}-{h.hexdigest()[:16]}.pt"
+    owner = hashlib.sha256(f"{path.resolve()}|{dtype}".encode()).hexdigest()[:8]  # which file, which dtype
+    return root / "weights" / f"{path.stem}-{owner}-{h.hexdigest()[:16]}.pt"
+
+
+def _prune(where: Path) -> None:
+    """Delete the entries `where` replaces: the same file and dtype (the name up to the key), another key.
+    Nothing loads them again (the file, the code, torch or the CPU changed), and each is the model's size.
+    A process that still maps one keeps its pages (Linux frees them when the mapping goes)."""
+    owner = where.name.rsplit("-", 1)[0]
+    for old in where.parent.glob("*.pt"):
+        if old != where and old.name.rsplit("-", 1)[0] == owner:
+            old.unlink(missing_ok=True)
 
 
 def load(path: Path, dtype: torch.dtype) -> tuple[Transformer, Any] | None:
@@ -73,6 +86,7 @@ def save(model: Transformer, tokenizer: Any, path: Path, dtype: torch.dtype) -> 
         where.parent.mkdir(parents=True, exist_ok=True)
         torch.save({"model": model, "tokenizer": tokenizer}, tmp)
         tmp.replace(where)
+        _prune(where)
     except Exception:  # a read-only or full disk (or anything unpicklable) costs speed, not the load
         tmp.unlink(missing_ok=True)
         return None

@@ -49,12 +49,16 @@ def test_entry_follows_the_file_and_ignores_damage(smol_path: Path, cache_home: 
     shutil.copyfile(smol_path, copy)
     entry = weight_cache.entry(copy, torch.bfloat16)
     assert entry != weight_cache.entry(copy, torch.float16)
+    entry.parent.mkdir(parents=True)
+    stale, other_dtype = entry, weight_cache.entry(copy, torch.float16)
+    stale.write_bytes(b"an entry of the file before it changed")
+    other_dtype.write_bytes(b"an entry for another dtype")
     os.utime(copy, ns=(1, 1))  # a rewritten file (new modification time) is another entry
     assert weight_cache.entry(copy, torch.bfloat16) != entry
     entry = weight_cache.entry(copy, torch.bfloat16)
-    entry.parent.mkdir(parents=True)
     entry.write_bytes(b"not a saved model")
     assert weight_cache.load(copy, torch.bfloat16) is None
     llm = leanlm.load(copy, progress=False, compile="off")  # loads the GGUF again and rewrites the entry
     assert weight_cache.load(copy, torch.bfloat16) is not None
+    assert not stale.exists() and other_dtype.exists()  # the replaced entry is gone, another dtype's stays
     assert llm.tokenizer.encode("Hi") == weight_cache.load(copy, torch.bfloat16)[1].encode("Hi")
