@@ -24,7 +24,6 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -172,7 +171,8 @@ at::Tensor flash_attend(const at::Tensor &q, const at::Tensor &k, const at::Tens
     TORCH_CHECK(q.scalar_type() == at::kBFloat16 && k.scalar_type() == at::kBFloat16 &&
                 v.scalar_type() == at::kBFloat16 && mask.scalar_type() == at::kBool, "flash_attend: bf16 and a bool mask");
     TORCH_CHECK((hd == 64 || hd == 96 || hd == 128 || hd == 256) && q.stride(3) == 1 && k.stride(3) == 1 &&
-                H % KV == 0 && mask.size(2) == T && mask.size(3) == S, "flash_attend: bad shapes");
+                v.stride(3) == 1 && v.sizes() == k.sizes() && k.size(3) == hd && H % KV == 0 &&
+                mask.size(0) == B && mask.size(2) == T && mask.size(3) == S, "flash_attend: bad shapes");
     const int64_t S2 = (S + KB - 1) / KB * KB;
     const at::Tensor vp = pack_values(v, S2);
     at::Tensor out = at::empty({B, T, H, hd}, q.options());
