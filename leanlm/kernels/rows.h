@@ -15,12 +15,24 @@ using bf16 = at::BFloat16;
 
 inline float rb(float v) { return (float)bf16(v); }  // round to bf16 (nearest even), as a float
 
-// y = x / sqrt(mean(x^2) + eps) * w, in fp32, rounded to bf16 (model.py's RMSNorm)
+// y = x / sqrt(mean(x^2) + eps) * w, in fp32, rounded to bf16 (model.py's RMSNorm). The sum of squares runs in
+// 16 lanes (a scalar loop was ~1.5 us a 640-wide row: 5% of a Gemma prompt, ~0.2 ms of a decode step).
 inline void rms_norm(const bf16 *x, const float *w, float eps, int64_t n, bf16 *y) {
-    float ss = 0.0f;
-    for (int64_t i = 0; i < n; i++) ss += (float)x[i] * (float)x[i];
+    __m512 acc = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        const __m512 v = vnni::load16(x + i);
+        acc = _mm512_fmadd_ps(v, v, acc);
+    }
+    float ss = _mm512_reduce_add_ps(acc);
+    for (; i < n; i++) ss += (float)x[i] * (float)x[i];
     const float r = 1.0f / std::sqrt(ss / (float)n + eps);
-    for (int64_t i = 0; i < n; i++) y[i] = bf16((float)x[i] * r * w[i]);
+    const __m512 rv = _mm512_set1_ps(r);
+    for (i = 0; i + 16 <= n; i += 16) {
+        const __m512 v = _mm512_mul_ps(_mm512_mul_ps(vnni::load16(x + i), rv), _mm512_loadu_ps(w + i));
+        _mm256_storeu_si256((__m256i *)(y + i), (__m256i)_mm512_cvtneps_pbh(v));
+    }
+    for (; i < n; i++) y[i] = bf16((float)x[i] * r * w[i]);
 }
 
 // Rotate the first rd dims of one head (in place), cos/sin (rd / 2) already bf16 values: model.py's apply_rope
