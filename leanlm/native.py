@@ -147,6 +147,12 @@ def flash_attention() -> bool:
             and hasattr(torch.ops.leanlm_native, "flash_attend"))
 
 
+def amx() -> bool:
+    """Do batched weight products run on AMX tiles (kernels/amx.cpp)? Needs AMX-INT8 and the kernel's leave;
+    LEANLM_AMX=0: no (read at each call)."""
+    return ops_library() and hasattr(torch.ops.leanlm_native, "amx_usable") and torch.ops.leanlm_native.amx_usable()
+
+
 def int4_vnni() -> bool:
     """Do 4-bit weights run on our VNNI kernel (kernels/int4_vnni.cpp)? LEANLM_VNNI=0 keeps PyTorch's."""
     return os.environ.get("LEANLM_VNNI", "1") != "0" and ops_library() and hasattr(torch.ops.leanlm_native, "int4_mm")

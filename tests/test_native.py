@@ -229,6 +229,41 @@ def test_int4_vnni_rows_do_not_depend_on_their_company() -> None:
         assert torch.equal(lin(x[i:i + 1]), together[i:i + 1])
 
 
+@pytest.mark.skipif(not native.amx(), reason="no AMX here (or not granted to this process)")
+@pytest.mark.parametrize(("n", "k", "bits"), [(48, 576, 4), (40, 640, 5), (32, 96, 6), (32, 640, 8)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_amx_tiles_score_exactly_like_the_vnni_loops(n: int, k: int, bits: int, dtype: torch.dtype,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Prompts of 64 rows or more take AMX tiles (kernels/amx.cpp): every row must be the same bits as on the
+    VNNI loops (a prompt's last row and a decode step score alike), whatever the row count's remainder."""
+    lin, _ = _vnni_linear(n, k, 1, n + k, bits)
+    x = torch.randn(95, k, generator=torch.Generator().manual_seed(k)).to(dtype)
+    for m in (64, 65, 79, 95):
+        monkeypatch.setenv("LEANLM_AMX", "0")
+        ref = lin(x[:m])
+        monkeypatch.setenv("LEANLM_AMX", "1")
+        assert torch.equal(lin(x[:m]), ref)
+
+
+@pytest.mark.skipif(not native.amx(), reason="no AMX here (or not granted to this process)")
+def test_amx_tiles_with_16_wide_scales(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Q6_K's half-group scales on AMX: two products per group, the same bits as the VNNI loops."""
+    from leanlm.quant.int4 import Int4Linear, Int4Parts
+
+    n, k = 48, 320
+    gen = torch.Generator().manual_seed(2)
+    codes = torch.randint(0, 64, (n, k), generator=gen)
+    scale = (torch.rand(n, k // 16, generator=gen) / 10 + 1e-3).half().float()
+    planes = torch.zeros(n, 2 * k, dtype=torch.long)
+    lin = Int4Linear(Int4Parts(planes, torch.ones(n, k // 16), torch.zeros(n, k // 16), 16, (1.0, 8.0),
+                               (codes, scale, (-32 * scale).half().float())))
+    x = torch.randn(77, k, generator=gen).bfloat16()
+    monkeypatch.setenv("LEANLM_AMX", "0")
+    ref = lin(x)
+    monkeypatch.setenv("LEANLM_AMX", "1")
+    assert torch.equal(lin(x), ref)
+
+
 @pytest.mark.skipif(not native.int8_head(), reason="no AVX-512 VNNI here (native.int8_matmul runs)")
 @pytest.mark.parametrize(("m", "k"), [(1, 576), (3, 640), (5, 64), (9, 576)])
 def test_int8_head_is_exact_integer_math(m: int, k: int) -> None:

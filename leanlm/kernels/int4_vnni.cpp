@@ -38,6 +38,7 @@
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 #include <immintrin.h>
 
+#include "amx.h"
 #include "vnni.h"
 
 namespace {
@@ -45,6 +46,7 @@ namespace {
 // Software prefetch distance along a tile's weights (bytes): the hardware prefetcher alone left a decode
 // step's weight stream at ~25 GB/s; 4 KB ahead measured 4-6% faster Gemma 3 steps (bench/NOTES.md)
 constexpr int64_t PF = 4096;
+using vnni::add_high_bits;
 using vnni::bcast4;
 using vnni::f16x16;
 
@@ -57,23 +59,6 @@ struct Out {
         else _mm512_storeu_ps((float *)p + i, v);
     }
 };
-
-inline uint64_t load_u64(const uint8_t *p) {
-    uint64_t v;
-    std::memcpy(&v, p, 8);
-    return v;
-}
-
-// Bits 4 .. 3 + H of the codes of vectors i and i + 1, from the H bit planes at `planes` (see the top).
-template <int H>
-inline void add_high_bits(const uint8_t *planes, int i, __m512i &q0, __m512i &q1) {
-#pragma GCC unroll 4
-    for (int p = 0; p < H; p++) {
-        const __m512i bit = _mm512_set1_epi8((char)(16 << p));
-        q0 = _mm512_mask_add_epi8(q0, _cvtu64_mask64(load_u64(planes + p * 64 + i * 8)), q0, bit);
-        q1 = _mm512_mask_add_epi8(q1, _cvtu64_mask64(load_u64(planes + p * 64 + (i + 1) * 8)), q1, bit);
-    }
-}
 
 // Tiles t .. t + NT - 1 (outputs 16 t .. 16 (t + NT) - 1) for rows m0 .. m0 + R - 1 of y (M, N). R and NT
 // are compile-time counts so the accumulators stay in registers; with NT = 2 each broadcast activation
@@ -221,6 +206,8 @@ at::Tensor int4_mm(const at::Tensor &x, const at::Tensor &w, const at::Tensor &s
     const auto *sp = reinterpret_cast<const uint16_t *>(scales.data_ptr());
     const auto *mp = reinterpret_cast<const uint16_t *>(mins.data_ptr());
     const Out yp{y.data_ptr(), bf16};
+    if (amx::int4_mm({q.xq, q.dx, q.sx, wp, sp, mp, y.data_ptr(), bf16, s16, M, N, K, H}))
+        return bf16 || x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
     at::parallel_for(0, (N / 16 + 1) / 2, 1, [&](int64_t p0, int64_t p1) {
         if (s16) return tiles<2, true>(q.xq, q.dx, q.sx, wp, sp, mp, yp, M, N, K, p0, p1);
         switch (H) {

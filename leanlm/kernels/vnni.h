@@ -34,6 +34,23 @@ inline __m512 exp16(__m512 x) {
     return _mm512_maskz_mov_ps(~tiny, _mm512_scalef_ps(p, n));
 }
 
+inline uint64_t load_u64(const uint8_t *p) {
+    uint64_t v;
+    std::memcpy(&v, p, 8);
+    return v;
+}
+
+// Bits 4 .. 3 + H of the codes of vectors i and i + 1, from the H bit planes at `planes` (int4_vnni.cpp's layout).
+template <int H>
+inline void add_high_bits(const uint8_t *planes, int i, __m512i &q0, __m512i &q1) {
+#pragma GCC unroll 4
+    for (int p = 0; p < H; p++) {
+        const __m512i bit = _mm512_set1_epi8((char)(16 << p));
+        q0 = _mm512_mask_add_epi8(q0, _cvtu64_mask64(load_u64(planes + p * 64 + i * 8)), q0, bit);
+        q1 = _mm512_mask_add_epi8(q1, _cvtu64_mask64(load_u64(planes + p * 64 + (i + 1) * 8)), q1, bit);
+    }
+}
+
 inline __m512i bcast4(const int8_t *p) {  // 4 activations to every lane
     int32_t v;
     std::memcpy(&v, p, 4);
