@@ -142,8 +142,11 @@ def test_int4_vnni_dense_and_fused_modules(monkeypatch: pytest.MonkeyPatch) -> N
     assert torch.equal(a.dense_bf16(), wa.to(torch.bfloat16))
     both = Int4Linear.cat([a, b])
     x = torch.randn(DENSE_ROWS + 1, 576)
-    for rows in (x[:5], x):  # the int4 kernel, and prefill's dense path
-        assert torch.equal(both(rows), torch.cat([a(rows), b(rows)], -1))
+    assert torch.equal(both(x[:5]), torch.cat([a(x[:5]), b(x[:5])], -1))  # the int4 kernel: exact
+    # prefill's dense path: torch's bf16 matmul, whose blocking (AMX tiles once the process may use them) can
+    # sum a column in another order for another width: equal up to the bf16 output's rounding
+    sep, fused = torch.cat([a(x), b(x)], -1).float(), both(x).float()
+    assert ((fused - sep).abs() <= 2**-7 * sep.abs() + 1e-5 * sep.abs().max()).all()
     ref = x.bfloat16().double() @ torch.cat([wa, wb]).bfloat16().double().T
     assert ((both(x).double() - ref).abs().max() / ref.abs().max()).item() < 1e-2
 

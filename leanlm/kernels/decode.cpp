@@ -205,19 +205,25 @@ at::Tensor Decoder::attention(const Layer &L, const at::Tensor &xn, const int64_
     const int64_t vs0 = vc.stride(0), vs1 = vc.stride(1), vs2 = vc.stride(2);
     const float *qn = qk_norm ? L.q_norm.const_data_ptr<float>() : nullptr;
     const float *kn = qk_norm ? L.k_norm.const_data_ptr<float>() : nullptr;
-    for_rows(M, [&](int64_t m) {
-        const int64_t b = m / T, slot = pos[m] % S;
-        const float *c = cs.first.data() + m * h2, *s = cs.second.data() + m * h2;
-        const auto head = [&](const bf16 *x, bf16 *y, const float *w) {  // (hd): copy, norm, rotate
-            for (int64_t d = 0; d < hd; d++) y[d] = x[d];
-            if (w != nullptr) rms_norm(y, w, (float)eps, hd, y);
-            rope(y, c, s, rd, interleaved);
-        };
-        for (int64_t h = 0; h < H; h++) head(src[0] + m * stride[0] + h * hd, qp + (m * H + h) * hd, qn);
-        for (int64_t h = 0; h < KV; h++) {
-            head(src[1] + m * stride[1] + h * hd, kp + b * ks0 + h * ks1 + slot * ks2, kn);
-            const bf16 *v = src[2] + m * stride[2] + h * hd;
-            bf16 *dv = vp + b * vs0 + h * vs1 + slot * vs2;
+    // one unit per (row, head): the H query heads, then the KV key/value heads; a batch's units share the pool
+    const int64_t units = H + KV;
+    at::parallel_for(0, M * units, 16, [&](int64_t u0, int64_t u1) {
+        for (int64_t u = u0; u < u1; u++) {
+            const int64_t m = u / units, h = u % units, b = m / T, slot = pos[m] % S;
+            const float *c = cs.first.data() + m * h2, *s = cs.second.data() + m * h2;
+            const auto head = [&](const bf16 *x, bf16 *y, const float *w) {  // (hd): copy, norm, rotate
+                for (int64_t d = 0; d < hd; d++) y[d] = x[d];
+                if (w != nullptr) rms_norm(y, w, (float)eps, hd, y);
+                rope(y, c, s, rd, interleaved);
+            };
+            if (h < H) {
+                head(src[0] + m * stride[0] + h * hd, qp + (m * H + h) * hd, qn);
+                continue;
+            }
+            const int64_t g = h - H;
+            head(src[1] + m * stride[1] + g * hd, kp + b * ks0 + g * ks1 + slot * ks2, kn);
+            const bf16 *v = src[2] + m * stride[2] + g * hd;
+            bf16 *dv = vp + b * vs0 + g * vs1 + slot * vs2;
             for (int64_t d = 0; d < hd; d++) dv[d] = v[d];
         }
     });
