@@ -80,10 +80,25 @@ def spawn(engine: str, spec: BenchSpec, ids: list[int]) -> dict[str, Any]:
     res = json.loads(lines[-1]) if proc.returncode == 0 and lines else None
     if res is None:
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        raise LeanLMError(f"the {engine} benchmark failed (exit {proc.returncode}): {tail}")
+        hint = _crash_hint(engine, proc.returncode)
+        raise LeanLMError(f"the {engine} benchmark failed (exit {proc.returncode}): {tail}{hint}")
     if "error" in res:
         raise LeanLMError(res["error"])
     return res
+
+
+def _crash_hint(engine: str, code: int) -> str:
+    """Why a llama.cpp run may have died: on CPUs with AMX, llama-cpp-python 0.3.36 built with its defaults
+    segfaults in its AMX matmul on any multi-token batch (seen on a 2-core Xeon; bench/NOTES.md)."""
+    try:
+        amx = " amx_int8" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        amx = False
+    if engine != "llamacpp" or code >= 0 or not amx:
+        return ""
+    return ("; llama.cpp's AMX kernels crash on this CPU: rebuild it without them, e.g. CMAKE_ARGS='-DGGML_NATIVE=OFF "
+            "-DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AMX_INT8=OFF' pip install "
+            "--no-cache-dir --force-reinstall --no-deps llama-cpp-python (bench/NOTES.md)")
 
 
 def has_module(name: str) -> bool:

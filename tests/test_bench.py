@@ -173,3 +173,13 @@ def test_repeats_report_the_median_run() -> None:
     assert one["decode_tps"] == 20.0 and one["decode_s"] == 1 / 20.0 and one["decode_tps_reps"] == [10.0, 30.0, 20.0]
     assert eight["decode_tps"] == 60.0 and eight["decode_s"] == 8 / 60.0
     assert bench.merge_repeats([rep(0.5, [10.0, 80.0])])["runs"][0]["decode_tps"] == 10.0
+
+
+def test_a_llamacpp_crash_on_an_amx_cpu_says_how_to_rebuild() -> None:
+    """llama-cpp-python's default build dies in its AMX matmul on AMX CPUs: the one-line error says what to do;
+    a leanlm failure, an ordinary exit code or a CPU without AMX get no such hint."""
+    from leanlm.bench import _crash_hint
+
+    amx = " amx_int8" in Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else False
+    assert ("GGML_AMX_INT8=OFF" in _crash_hint("llamacpp", -11)) == amx
+    assert _crash_hint("leanlm", -11) == "" and _crash_hint("llamacpp", 1) == ""

@@ -113,8 +113,13 @@ inline __m512 score16(const Rows<T> &L, const typename Rows<T>::Task &r, int64_t
     const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
     if (allowed == 0) return ninf;
     __m512 d[16];
-    for (int64_t jj = 0; jj < 16; jj++)
-        d[jj] = (allowed >> jj) & 1 ? dot(r.k + (j0 + jj) * L.ks2) : _mm512_setzero_ps();
+    if (j0 + 16 <= L.S) {  // a whole block: every key's dot product, no branch per key (lanes not allowed are
+#pragma GCC unroll 16      // replaced by -inf below, whatever their keys hold)
+        for (int jj = 0; jj < 16; jj++) d[jj] = dot(r.k + (j0 + jj) * L.ks2);
+    } else {  // the last block: only rows that exist
+        for (int64_t jj = 0; jj < 16; jj++)
+            d[jj] = (allowed >> jj) & 1 ? dot(r.k + (j0 + jj) * L.ks2) : _mm512_setzero_ps();
+    }
     return _mm512_mask_blend_ps(allowed, ninf, _mm512_mul_ps(sum16(d), _mm512_set1_ps(sc)));
 }
 
