@@ -62,3 +62,24 @@ def test_entry_follows_the_file_and_ignores_damage(smol_path: Path, cache_home: 
     assert weight_cache.load(copy, torch.bfloat16) is not None
     assert not stale.exists() and other_dtype.exists()  # the replaced entry is gone, another dtype's stays
     assert llm.tokenizer.encode("Hi") == weight_cache.load(copy, torch.bfloat16)[1].encode("Hi")
+
+
+def test_saved_tensors_come_back_as_views_of_one_mapping(smol_path: Path, cache_home: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The entry format: views with offsets and strides, storages shared by several tensors (tied weights),
+    parameters, empty tensors and other dtypes come back equal, still shared, from the mapped file."""
+    base = torch.arange(96, dtype=torch.float32)
+    tied = torch.randint(0, 255, (16, 8), dtype=torch.uint8)
+    obj = {"view": base[10:40].view(5, 6)[:, 1:4], "whole": base, "tied": tied, "tied_too": tied.t(),
+           "param": torch.nn.Parameter(torch.randn(3, 4, dtype=torch.bfloat16), requires_grad=False),
+           "empty": torch.empty(0, 7), "bools": torch.tensor([True, False, True])}
+    where = cache_home / "entry.lwc"
+    monkeypatch.setattr(weight_cache, "entry", lambda path, dtype: where)
+    monkeypatch.setattr(weight_cache, "Transformer", dict)  # the round trip of a plain dict, not a model
+    assert weight_cache.save(obj, "tok", smol_path, torch.bfloat16) == where
+    got, tok = weight_cache.load(smol_path, torch.bfloat16)
+    assert tok == "tok" and got.keys() == obj.keys() and isinstance(got["param"], torch.nn.Parameter)
+    for k, v in obj.items():
+        assert got[k].dtype == v.dtype and got[k].stride() == v.stride() and torch.equal(got[k], v), k
+    assert got["view"].untyped_storage().data_ptr() == got["whole"].untyped_storage().data_ptr()
+    assert got["tied_too"].data_ptr() == got["tied"].data_ptr() and _mapped(where)
