@@ -16,15 +16,16 @@ from leanlm.gguf_file import GGUFFile
 from leanlm.tokenizer import StreamDecoder, Tokenizer
 
 FIXTURES = Path(__file__).parent / "fixtures"
-MODEL_ENV = {"smol": ("LEANLM_TEST_SMOL", "/tmp/smol.gguf"), "gemma": ("LEANLM_TEST_GEMMA", "/tmp/gemma.gguf")}
+MODELS = {"smol": ("smollm2-135m", "LEANLM_TEST_SMOL"), "gemma": ("gemma3-270m", "LEANLM_TEST_GEMMA")}
 
 
 def _model_path(name: str) -> Path:
-    env, default = MODEL_ENV[name]
-    path = Path(os.environ.get(env, default))
-    if not path.is_file():
-        pytest.skip(f"{name} model not found at {path} (set {env})")
-    return path
+    """The real model's file: $LEANLM_TEST_SMOL / $LEANLM_TEST_GEMMA, or pulled into the leanlm cache once (as
+    conftest.py's fixtures do)."""
+    from leanlm.hub import pull
+
+    reg, env = MODELS[name]
+    return Path(os.environ[env]) if os.environ.get(env) else pull(reg, progress=False)
 
 
 @cache
