@@ -23,6 +23,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <map>
 #include <utility>
 #include <vector>
@@ -212,7 +213,7 @@ at::Tensor Decoder::attention(const Layer &L, const at::Tensor &xn, const int64_
             const int64_t m = u / units, h = u % units, b = m / T, slot = pos[m] % S;
             const float *c = cs.first.data() + m * h2, *s = cs.second.data() + m * h2;
             const auto head = [&](const bf16 *x, bf16 *y, const float *w) {  // (hd): copy, norm, rotate
-                for (int64_t d = 0; d < hd; d++) y[d] = x[d];
+                std::memcpy(y, x, hd * sizeof(bf16));
                 if (w != nullptr) rms_norm(y, w, (float)eps, hd, y);
                 rope(y, c, s, rd, interleaved);
             };
@@ -224,7 +225,7 @@ at::Tensor Decoder::attention(const Layer &L, const at::Tensor &xn, const int64_
             head(src[1] + m * stride[1] + g * hd, kp + b * ks0 + g * ks1 + slot * ks2, kn);
             const bf16 *v = src[2] + m * stride[2] + g * hd;
             bf16 *dv = vp + b * vs0 + g * vs1 + slot * vs2;
-            for (int64_t d = 0; d < hd; d++) dv[d] = v[d];
+            std::memcpy(dv, v, hd * sizeof(bf16));
         }
     });
     const int64_t n = std::min(kv_len, S);
