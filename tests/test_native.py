@@ -110,7 +110,7 @@ def _vnni_linear(n: int, k: int, planes: int, seed: int, bits: int = 4):  # noqa
 @pytest.mark.parametrize(("n", "k", "planes", "bits"), [(48, 512, 1, 4), (40, 576, 1, 4), (24, 640, 1, 4),
                                                        (16, 32, 1, 4), (7, 96, 1, 4), (32, 576, 2, 4),
                                                        (48, 576, 1, 5), (40, 96, 1, 6), (32, 640, 1, 8)])
-@pytest.mark.parametrize("m", [1, 3, 4, 7])
+@pytest.mark.parametrize("m", [1, 3, 4, 7, 40])  # 40: activations quantised on the thread pool, 16+ rows a piece
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_int4_vnni_is_exact_integer_math(n: int, k: int, planes: int, bits: int, m: int, dtype: torch.dtype) -> None:
     """x quantised to int8 per group of 32 (x' = round(x * 127 / amax) * amax / 127), then x' W^T exactly;

@@ -2,6 +2,7 @@
  * of 32 as llama.cpp's Q8_0 does, and small vector helpers. Included by .cpp files after <immintrin.h>. */
 #pragma once
 
+#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
@@ -82,6 +83,16 @@ void quantize(const T *x, int64_t M, int64_t K, int8_t *xq, float *dx, float *sx
     }
 }
 
+// quantize() on the thread pool for many rows (a batch of 32 sequences, a prompt), in pieces of 16 rows or more
+template <typename T>
+void quantize_rows(const T *x, int64_t M, int64_t K, int8_t *xq, float *dx, float *sx, float *sx16, int32_t *qs) {
+    const int64_t G = K / 32;
+    at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
+        quantize(x + m0 * K, m1 - m0, K, xq + m0 * K, dx + m0 * G, sx ? sx + m0 * G : nullptr,
+                 sx16 ? sx16 + m0 * 2 * G : nullptr, qs ? qs + m0 * G : nullptr);
+    });
+}
+
 // The quantised x of a call, in buffers kept per thread between calls (no allocation per call).
 struct Quantized {
     const int8_t *xq;
@@ -100,10 +111,10 @@ inline Quantized quantize_input(const at::Tensor &x, Sums sums) {
     float *sx32 = sums == Sums::per_group ? sx.data() : nullptr, *sx16 = sums == Sums::per_half_group ? sx.data() : nullptr;
     int32_t *qsp = sums == Sums::integer ? qs.data() : nullptr;
     if (x.scalar_type() == at::kBFloat16 && x.is_contiguous()) {
-        quantize(x.const_data_ptr<at::BFloat16>(), M, K, xq.data(), dx.data(), sx32, sx16, qsp);
+        quantize_rows(x.const_data_ptr<at::BFloat16>(), M, K, xq.data(), dx.data(), sx32, sx16, qsp);
     } else {
         at::Tensor xf = x.to(at::kFloat).contiguous();
-        quantize(xf.const_data_ptr<float>(), M, K, xq.data(), dx.data(), sx32, sx16, qsp);
+        quantize_rows(xf.const_data_ptr<float>(), M, K, xq.data(), dx.data(), sx32, sx16, qsp);
     }
     return {xq.data(), dx.data(), sx.data(), qs.data()};  // pointers: a worker's thread_local is its own copy
 }
