@@ -22,6 +22,7 @@
  * tile instruction would kill the process, so `usable()` asks once and says no where it was refused.
  * LEANLM_AMX=0 switches these kernels off (read at each call: tests compare both paths in one process).
  */
+#include <torch/library.h>
 #include <ATen/Parallel.h>
 
 #include <cstdint>
@@ -187,6 +188,6 @@ bool int4_mm(const Int4Args &) { return false; }
 
 #endif
 
-#include <torch/library.h>
+// native.amx(): whether prompts take the tiles here
 TORCH_LIBRARY_FRAGMENT(leanlm_native, m) { m.def("amx_usable() -> bool"); }
 TORCH_LIBRARY_IMPL(leanlm_native, CatchAll, m) { m.impl("amx_usable", [] { return amx::usable(); }); }

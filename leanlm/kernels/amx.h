@@ -1,5 +1,5 @@
-/* AMX versions of the VNNI weight kernels' inner loops (amx.cpp); each returns false where it does not apply
- * (no AMX on this CPU or for this process, LEANLM_AMX=0, fewer than MIN_ROWS rows) and the caller runs its own. */
+/* The int4 kernel's products on AMX tiles (amx.cpp). `int4_mm` returns false where it does not apply (no AMX on
+ * this CPU or for this process, LEANLM_AMX=0, fewer than MIN_ROWS rows) and the caller runs its VNNI loops. */
 #pragma once
 
 #include <c10/util/BFloat16.h>
