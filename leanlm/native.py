@@ -148,8 +148,8 @@ def flash_attention() -> bool:
 
 
 def amx() -> bool:
-    """Do batched weight products run on AMX tiles (kernels/amx.cpp)? Needs AMX-INT8 and the kernel's leave;
-    LEANLM_AMX=0: no (read at each call)."""
+    """Do prompts' int4 products (64 rows or more) run on AMX tiles (kernels/amx.cpp)? Needs AMX-INT8 and the
+    kernel's leave; LEANLM_AMX=0: no (read at each call)."""
     return ops_library() and hasattr(torch.ops.leanlm_native, "amx_usable") and torch.ops.leanlm_native.amx_usable()
 
 

@@ -131,17 +131,9 @@ void int4_tiles(const amx::Int4Args &a) {
     at::parallel_for(0, a.N / 16, 1, [&](int64_t t0, int64_t t1) {
         std::vector<__m512i> codes(G * 8);  // 64-byte aligned
         int configured = 0;
-        const __m512i low4 = _mm512_set1_epi8(0x0F);
         for (int64_t t = t0; t < t1; t++) {
-            for (int64_t g = 0; g < G; g++) {  // spread the nibbles (and bit planes) of each group to bytes
-                const uint8_t *wg = a.w + (t * G + g) * GS;
-                for (int h = 0; h < 4; h++) {
-                    const __m512i v = _mm512_loadu_si512((const void *)(wg + h * 64));
-                    __m512i q0 = _mm512_and_si512(v, low4), q1 = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
-                    vnni::add_high_bits<H>(wg + 256, 2 * h, q0, q1);
-                    codes[g * 8 + 2 * h] = q0, codes[g * 8 + 2 * h + 1] = q1;
-                }
-            }
+            for (int64_t g = 0; g < G; g++)  // each group's codes as bytes: one B tile
+                vnni::spread_group<H>(a.w + (t * G + g) * GS, codes.data() + g * 8);
             in_blocks(a.M, Int4Tile<H, NS>{a, (const uint8_t *)codes.data(), t, &configured});
         }
         if (configured) _tile_release();

@@ -157,17 +157,10 @@ void tiles(const int8_t *xq, const float *dx, const float *sx, const uint8_t *w,
 // The codes of one group of a tile as codes[16][32] (output lane, k within the group): the layout's inverse.
 template <int H>
 void unpack_group(const uint8_t *wg, uint8_t codes[16][32]) {
-    const __m512i low4 = _mm512_set1_epi8(0x0F);
-    alignas(64) uint8_t vec[8][64];
-    for (int h = 0; h < 4; h++) {
-        const __m512i v = _mm512_loadu_si512((const void *)(wg + h * 64));
-        __m512i q0 = _mm512_and_si512(v, low4), q1 = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
-        add_high_bits<H>(wg + 256, 2 * h, q0, q1);
-        _mm512_store_si512((void *)vec[2 * h], q0);
-        _mm512_store_si512((void *)vec[2 * h + 1], q1);
-    }
+    __m512i vec[8];
+    vnni::spread_group<H>(wg, vec);
     for (int i = 0; i < 8; i++)  // word (vector i, lane l) -> inputs 4 i .. 4 i + 3 of output l
-        for (int l = 0; l < 16; l++) std::memcpy(codes[l] + 4 * i, vec[i] + 4 * l, 4);
+        for (int l = 0; l < 16; l++) std::memcpy(codes[l] + 4 * i, (const uint8_t *)&vec[i] + 4 * l, 4);
 }
 
 void unpack_group(const uint8_t *wg, int H, uint8_t codes[16][32]) {

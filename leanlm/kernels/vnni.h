@@ -52,6 +52,19 @@ inline void add_high_bits(const uint8_t *planes, int i, __m512i &q0, __m512i &q1
     }
 }
 
+// The codes of one group of a tile (int4_vnni.cpp's layout: 4 x 64 bytes of nibbles, then H bit planes) as
+// 8 vectors of bytes: vector i holds, in lane l, the codes of output l at inputs 4 i .. 4 i + 3 of the group.
+template <int H>
+inline void spread_group(const uint8_t *wg, __m512i out[8]) {
+    const __m512i low4 = _mm512_set1_epi8(0x0F);
+    for (int h = 0; h < 4; h++) {  // vectors 2h (low nibbles) and 2h + 1 (high nibbles)
+        const __m512i v = _mm512_loadu_si512((const void *)(wg + h * 64));
+        __m512i q0 = _mm512_and_si512(v, low4), q1 = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+        add_high_bits<H>(wg + 256, 2 * h, q0, q1);
+        out[2 * h] = q0, out[2 * h + 1] = q1;
+    }
+}
+
 inline __m512i bcast4(const int8_t *p) {  // 4 activations to every lane
     int32_t v;
     std::memcpy(&v, p, 4);
