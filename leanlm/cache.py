@@ -22,28 +22,44 @@ Rolling buffer index math (slot = position mod S, S = W + slack):
 
 from __future__ import annotations
 
+import os
+
 import torch
 
+from . import native
 from .config import ModelConfig
+
+BLOCK = 16  # slots per block of the blocked key layout
 
 
 class KVBuffer:
     """K/V storage for one layer: (B, n_kv, S, hd). `pos` (B, S), the position held by each slot, is
     shared by all buffers of the same window (they are written identically) and kept by ModelCache.
 
+    Blocked keys (`blocked=True`, S a multiple of 16): k is (B, n_kv, S / 16, hd / 2, 16, 2), so that within a
+    block of 16 slots the same pair of dims of all 16 keys is 64 contiguous bytes, one vector load for the
+    attention kernels (kernels/attend_blocked.cpp: scores with the keys in the lanes). Key of slot s, dims 2d
+    and 2d + 1: k[b, h, s // 16, d, s % 16]. E.g. slot 37, dims 10, 11: k[b, h, 2, 5, 5]. `key_rows` gives
+    the usual (B, n_kv, S, hd) view back (a copy) for other attention paths.
+
     Caches are plain objects holding tensors, not nn.Modules: a compiled decode step (compiled.py) then
     treats their sizes as dynamic, where module buffers would be baked in as constants."""
 
     def __init__(self, batch: int, n_kv: int, size: int, head_dim: int, window: int | None,
-                 dtype: torch.dtype, pos: torch.Tensor, device: torch.device | str | None = None) -> None:
-        self.window, self.pos = window, pos
-        self.k = torch.zeros(batch, n_kv, size, head_dim, dtype=dtype, device=device)
+                 dtype: torch.dtype, pos: torch.Tensor, device: torch.device | str | None = None,
+                 blocked: bool = False) -> None:
+        self.window, self.pos, self.blocked = window, pos, blocked
+        if blocked:
+            assert size % BLOCK == 0 and head_dim % 2 == 0
+            self.k = torch.zeros(batch, n_kv, size // BLOCK, head_dim // 2, BLOCK, 2, dtype=dtype, device=device)
+        else:
+            self.k = torch.zeros(batch, n_kv, size, head_dim, dtype=dtype, device=device)
         self.v = torch.zeros(batch, n_kv, size, head_dim, dtype=dtype, device=device)
 
     @property
     def size(self) -> int:
         """Slots in this buffer: read from the tensor, so a compiled step sees it as a dynamic size."""
-        return self.k.shape[2]
+        return self.v.shape[2]
 
     def write(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store new keys/values at slots (B, T); k, v: (B, n_kv, T, hd).
@@ -55,13 +71,34 @@ class KVBuffer:
         """
         B, n_kv, T, hd = k.shape
         rows = (torch.arange(B * n_kv, device=k.device).view(B, n_kv, 1) * self.size + slots[:, None, :]).flatten()
-        self.k.view(-1, hd).index_copy_(0, rows, k.reshape(-1, hd))  # (B * n_kv * T, hd) rows
-        self.v.view(-1, hd).index_copy_(0, rows, v.reshape(-1, hd))
+        self.v.view(-1, hd).index_copy_(0, rows, v.reshape(-1, hd))  # (B * n_kv * T, hd) rows
+        if not self.blocked:
+            self.k.view(-1, hd).index_copy_(0, rows, k.reshape(-1, hd))
+            return
+        kb = self.k.permute(0, 2, 4, 1, 3, 5)  # (B, S / 16, 16, n_kv, hd / 2, 2): slot s at [s // 16, s % 16]
+        b = torch.arange(B, device=k.device).view(B, 1)
+        kb[b, slots // BLOCK, slots % BLOCK] = k.transpose(1, 2).reshape(B, T, n_kv, hd // 2, 2)
 
     def view(self, kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The slots worth reading when positions < kv_len: k, v (B, n_kv, S', hd)."""
         n = min(kv_len, self.size)
-        return self.k[:, :, :n], self.v[:, :, :n]
+        return self.k[:, :, :-(-n // BLOCK) if self.blocked else n], self.v[:, :, :n]
+
+
+def key_rows(k: torch.Tensor, n: int) -> torch.Tensor:
+    """Keys as (B, n_kv, n, hd) rows: `k` itself, or a copy of blocked keys (B, n_kv, S / 16, hd / 2, 16, 2)."""
+    if k.dim() == 4:
+        return k
+    B, n_kv, nb, half = k.shape[:4]
+    return k.permute(0, 1, 2, 4, 3, 5).reshape(B, n_kv, nb * BLOCK, half * 2)[:, :, :n]
+
+
+def blocked_keys(cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str | None) -> bool:
+    """Keep keys blocked? Where our CPU kernels do every attention (bf16, head dim 64, 128 or 256, no
+    softcap: kernels/attend_blocked.cpp for decode steps, flash.cpp for prompts). LEANLM_BLOCKED_KEYS=0: no."""
+    return (torch.device(device or "cpu").type == "cpu" and dtype == torch.bfloat16 and
+            cfg.head_dim in (64, 128, 256) and cfg.attn_softcap is None and
+            os.environ.get("LEANLM_BLOCKED_KEYS", "1") != "0" and native.attention() and native.flash_attention())
 
 
 def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
@@ -88,12 +125,16 @@ class ModelCache:
         self.layers: list[KVBuffer] = []
         # one slot table per window kind (None = full attention), each (B, size): position in each slot, -1 empty
         self.slot_pos: dict[int | None, torch.Tensor] = {}
+        blocked = blocked_keys(cfg, dtype, device)
         for w in cfg.layer_windows:
             if w not in self.slot_pos:
                 size = max_len if w is None else min(max_len, w + chunk)
+                if blocked:  # whole blocks (a rolling buffer only gains slack)
+                    size = -(-size // BLOCK) * BLOCK
                 self.slot_pos[w] = torch.full((batch, size), -1, dtype=torch.long, device=device)
             pos = self.slot_pos[w]
-            self.layers.append(KVBuffer(batch, cfg.n_kv_heads, pos.shape[1], cfg.head_dim, w, dtype, pos, device))
+            self.layers.append(KVBuffer(batch, cfg.n_kv_heads, pos.shape[1], cfg.head_dim, w, dtype, pos, device,
+                                        blocked))
         self.kv_len = 0
 
     def prepare(self, positions: torch.Tensor, kv_len: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -126,6 +167,7 @@ class ModelCache:
         for b in self.layers:
             kb = KVBuffer.__new__(KVBuffer)
             kb.window, kb.pos, kb.k, kb.v = b.window, view.slot_pos[b.window], b.k[lo:hi], b.v[lo:hi]
+            kb.blocked = b.blocked
             view.layers.append(kb)
         views[lo, hi] = view
         return view

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import native
-from .cache import KVBuffer, ModelCache, attention_mask
+from .cache import KVBuffer, ModelCache, attention_mask, key_rows
 from .config import ModelConfig
 from .moe import MoE
 
@@ -94,17 +94,18 @@ class Attention(nn.Module):
         if kv is not None:
             assert slots is not None
             kv.write(slots, k, v)
-            k, v = kv.view(kv_len)  # (B, KV, S, hd)
+            k, v = kv.view(kv_len)  # (B, KV, S, hd); k blocked (B, KV, S / 16, hd / 2, 16, 2) where cache.py says
         if T <= FEW_QUERIES and cfg.attn_softcap is None:
             o = self._few_query_attention(q, k, v, mask)
         elif cfg.attn_softcap is None and q.dtype == torch.bfloat16 and q.device.type == "cpu" and \
                 hd in (64, 96, 128, 256) and _native_flash():  # blocks the mask rules out are skipped
             o = torch.ops.leanlm_native.flash_attend(q, k, v, mask, self.scale)  # (kernels/flash.cpp)
         elif cfg.attn_softcap is None:
+            k = key_rows(k, v.shape[2])
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale,
                                                enable_gqa=cfg.n_kv_heads != cfg.n_heads)
         else:
-            o = self._softcapped(q, k, v, mask)
+            o = self._softcapped(q, key_rows(k, v.shape[2]), v, mask)
         return self.wo(o.transpose(1, 2).reshape(B, T, -1))
 
     def _few_query_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -115,7 +116,7 @@ class Attention(nn.Module):
         B, H, T, hd = q.shape
         if q.device.type == "cpu" and hd % 16 == 0 and _native_attention():  # the same math, vectorised
             return torch.ops.leanlm_native.attend(q, k, v, mask, self.scale)  # (kernels/attention.cpp)
-        KV = k.shape[1]
+        k, KV = key_rows(k, v.shape[2]), k.shape[1]
         qg = q.reshape(B, KV, H // KV, T, hd)  # (B, KV, rep, T, hd): the query heads sharing each KV head
         s = (qg.float()[..., None, :] * k.float()[:, :, None, None]).sum(-1) * self.scale  # (B, KV, rep, T, S)
         s = s.masked_fill(~mask[:, :, None], float("-inf"))  # mask (B, 1, T, S) -> (B, 1, 1, T, S)

@@ -82,8 +82,8 @@ def test_sliding_buffer_keeps_its_size_while_decoding_4w_tokens() -> None:
         ModelCache.__init__ = orig
     assert len(out) == 4 * W
     (cache,) = sizes
-    assert cache.layers[0].k.shape[2] == W + chunk  # rolling: constant, however many tokens
-    assert cache.layers[1].k.shape[2] == 3 + 4 * W  # full attention: the whole sequence
+    assert cache.layers[0].size == W + chunk  # rolling: constant, however many tokens
+    assert cache.layers[1].size == 3 + 4 * W  # full attention: the whole sequence
     assert int(cache.layers[0].pos.max()) == 3 + 4 * W - 2  # it did wrap: holds the latest positions
 
 

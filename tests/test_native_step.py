@@ -30,14 +30,15 @@ def int4(lin: nn.Linear) -> Int4Linear:
     return Int4Linear(Int4Parts(q, s, lo + 8 * s))
 
 
-def quantized(gemma: bool, fuse: bool = True) -> Transformer:
+def quantized(gemma: bool, fuse: bool = True, head_dim: int = 16) -> Transformer:
     """A tiny model in the form real GGUF files load into: bf16, 4-bit projections, an int8 head tied to the
     embedding. gemma: Gemma 3's extras (q/k norms, post norms, gelu, local rope base, embedding scale,
-    sliding layers with rolling buffers); else llama's (interleaved rope, silu, full attention)."""
+    sliding layers with rolling buffers); else llama's (interleaved rope, silu, full attention). head_dim 64:
+    the cache keeps its keys in blocks of 16 slots (cache.py), which decode.cpp writes and attends over."""
     extra = dict(qk_norm=True, post_norms=True, act="gelu_tanh", rope_local_base=100.0, embed_scale=8.0,
                  norm_add_one=True) if gemma else dict(rope_interleaved=True)
     m = random_transformer((4, None, 4) if gemma else (None, None), vocab_size=96, dim=64, n_heads=4,
-                           n_kv_heads=2, head_dim=16, hidden_dim=96, std=0.2, **extra).to(torch.bfloat16)
+                           n_kv_heads=2, head_dim=head_dim, hidden_dim=96, std=0.2, **extra).to(torch.bfloat16)
     for layer in m.layers:
         for mod in (layer.attn, layer.ffn):
             for name, child in list(mod.named_children()):
@@ -71,12 +72,13 @@ def run(m: Transformer, step: compiled.DecodeStep, ids: torch.Tensor, lag: torch
 
 @pytest.mark.parametrize("gemma", [False, True])
 @pytest.mark.parametrize("batch", [1, 3])
-def test_native_step_matches_the_eager_model(gemma: bool, batch: int) -> None:
+@pytest.mark.parametrize("head_dim", [16, 64])
+def test_native_step_matches_the_eager_model(gemma: bool, batch: int, head_dim: int) -> None:
     """Decode steps, one sequence and a batch whose rows sit at different positions; Gemma-style rolling
     buffers (window 4 + chunk 6 slots) wrap many times. The same bf16 arithmetic: equal up to the rounding of
     a norm's sum or an exp (on these sizes they agree exactly; on real ones a
     last-bit difference in bf16 can move logits by ~1%)."""
-    m = quantized(gemma)
+    m = quantized(gemma, head_dim=head_dim)
     step = native_step.native_step(m)
     assert step is not None
     ids = torch.randint(0, 96, (batch, 40), generator=torch.Generator().manual_seed(batch))
@@ -84,6 +86,7 @@ def test_native_step_matches_the_eager_model(gemma: bool, batch: int) -> None:
     blocks = [1] * 25
     ref, ref_cache = run(m, compiled.decode_step, ids, lag, blocks)
     got, got_cache = run(m, step, ids, lag, blocks)
+    assert got_cache.layers[0].blocked == (head_dim == 64)
     ref, got = torch.cat(ref, 1), torch.cat(got, 1)
     assert got.shape == ref.shape == (batch, 25, 96)
     assert torch.equal(got, ref)
@@ -95,10 +98,11 @@ def test_native_step_matches_the_eager_model(gemma: bool, batch: int) -> None:
 
 @pytest.mark.parametrize("gemma", [False, True])
 @pytest.mark.parametrize("batch", [1, 3])
-def test_a_verified_block_scores_like_single_steps(gemma: bool, batch: int) -> None:
+@pytest.mark.parametrize("head_dim", [16, 64])
+def test_a_verified_block_scores_like_single_steps(gemma: bool, batch: int, head_dim: int) -> None:
     """Speculative decoding's exactness: the verify step's logits for blocks of 2-6 tokens equal the decode
     step's for the same tokens one at a time, bit for bit."""
-    m = quantized(gemma)
+    m = quantized(gemma, head_dim=head_dim)
     single, verify = native_step.native_step(m), native_step.native_step(m, tokens=2)
     ids = torch.randint(0, 96, (batch, 40), generator=torch.Generator().manual_seed(7))
     lag = -torch.arange(batch)[:, None] * 3

@@ -25,6 +25,7 @@
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
 #include <immintrin.h>
 
+#include "ops.h"
 #include "vnni.h"
 
 namespace {
@@ -227,6 +228,7 @@ void attend_bf16(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v, 
 // q (B, H, T, hd), k, v (B, KV, S, hd), mask (B, 1, T, S) bool -> (B, H, T, hd) contiguous, q's dtype
 at::Tensor attend(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v, const at::Tensor &mask,
                   double scale) {
+    if (k.dim() == 6) return attend_blocked(q, k, v, mask, scale);  // keys in blocks of 16 slots
     TORCH_CHECK(q.size(3) % 16 == 0 && q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1,
                 "attend: head dim must be a multiple of 16 with contiguous rows");
     TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), "attend: dtypes differ");

@@ -202,7 +202,9 @@ at::Tensor Decoder::attention(const Layer &L, const at::Tensor &xn, const int64_
     }
     at::Tensor q = at::empty({B, T, H, hd}, xn.options());  // (B, T, H, hd)
     bf16 *qp = q.data_ptr<bf16>(), *kp = kc.data_ptr<bf16>(), *vp = vc.data_ptr<bf16>();
-    const int64_t S = kc.size(2), ks0 = kc.stride(0), ks1 = kc.stride(1), ks2 = kc.stride(2);
+    const bool blocked = kc.dim() == 6;  // keys in blocks of 16 slots (cache.py): (B, KV, S / 16, hd / 2, 16, 2)
+    const int64_t S = vc.size(2), ks0 = kc.stride(0), ks1 = kc.stride(1), ks2 = blocked ? 0 : kc.stride(2);
+    TORCH_CHECK(!blocked || hd <= 256, "Decoder: blocked keys need a head dim of at most 256");
     const int64_t vs0 = vc.stride(0), vs1 = vc.stride(1), vs2 = vc.stride(2);
     const float *qn = qk_norm ? L.q_norm.const_data_ptr<float>() : nullptr;
     const float *kn = qk_norm ? L.k_norm.const_data_ptr<float>() : nullptr;
@@ -222,14 +224,23 @@ at::Tensor Decoder::attention(const Layer &L, const at::Tensor &xn, const int64_
                 continue;
             }
             const int64_t g = h - H;
-            head(src[1] + m * stride[1] + g * hd, kp + b * ks0 + g * ks1 + slot * ks2, kn);
+            bf16 *dk = kp + b * ks0 + g * ks1;
+            if (!blocked) {
+                head(src[1] + m * stride[1] + g * hd, dk + slot * ks2, kn);
+            } else {  // pair d of the slot's dims is word d * 16 + slot % 16 of its block
+                bf16 row[256];
+                head(src[1] + m * stride[1] + g * hd, row, kn);
+                bf16 *blk = dk + slot / 16 * 16 * hd + slot % 16 * 2;
+                for (int64_t d = 0; d < hd / 2; d++) std::memcpy(blk + d * 32, row + 2 * d, 2 * sizeof(bf16));
+            }
             const bf16 *v = src[2] + m * stride[2] + g * hd;
             bf16 *dv = vp + b * vs0 + g * vs1 + slot * vs2;
             std::memcpy(dv, v, hd * sizeof(bf16));
         }
     });
     const int64_t n = std::min(kv_len, S);
-    at::Tensor o = attend(q.permute({0, 2, 1, 3}), kc.slice(2, 0, n), vc.slice(2, 0, n), mask, attn_scale);
+    at::Tensor o = attend(q.permute({0, 2, 1, 3}), kc.slice(2, 0, blocked ? (n + 15) / 16 : n), vc.slice(2, 0, n),
+                          mask, attn_scale);
     if (T > 1) o = o.permute({0, 2, 1, 3}).contiguous();  // (B, H, T, hd) -> (B, T, H, hd)
     return L.o(o.view({M, nq}));
 }

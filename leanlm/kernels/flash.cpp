@@ -16,7 +16,8 @@
  * flash-attention papers' kernels do) and V packed once per call as pairs of rows: word (i, d) holds
  * v_2i[d] in its low half and v_2i+1[d] in its high half. E.g. keys 6 and 7, column 3: pair row 3, word 3.
  * The softmax is the online one: per block, m' = max(m, block max), O and l scaled by e^(m - m'), p = e^(s - m').
- * q (B, H, T, hd) with rows contiguous along hd; k, v (B, KV, S, hd) cache views; mask (B, 1, T, S) bool;
+ * q (B, H, T, hd) with rows contiguous along hd; k, v (B, KV, S, hd) cache views, or k in the cache's blocked
+ * layout (B, KV, S16 / 16, hd / 2, 16, 2), whose pairs of dims are read in place the same way; mask (B, 1, T, S) bool;
  * hd one of 64, 96, 128, 256. Output (B, H, T, hd) bf16 as a view of (B, T, H, hd) memory, which is the layout
  * the output projection reads. A query with no allowed key gets zeros.
  */
@@ -33,6 +34,7 @@
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
 #include <immintrin.h>
 
+#include "ops.h"
 #include "vnni.h"
 
 namespace {
@@ -47,6 +49,13 @@ struct Call {
     bf16 *out;           // (B, T, H, hd)
     int64_t H, T, S, S2, rep, qs0, qs1, qs2, ks0, ks1, ks2, ms0, ms2, ms3, KV;
     float scale;
+    bool blocked;  // keys in blocks of 16 slots (cache.py): pair d of slot s at block s / 16, word d * 16 + s % 16
+    // where key s's dims start, and how far apart (in bf16) its pairs of dims lie
+    const bf16 *key(int64_t b, int64_t g, int64_t s) const {
+        const bf16 *base = k + b * ks0 + g * ks1;
+        return blocked ? base + s / 16 * 16 * ks2 + s % 16 * 2 : base + s * ks2;  // blocked: ks2 = hd
+    }
+    int64_t pair_step() const { return blocked ? 32 : 2; }
 };
 
 // Which of keys s0 .. s0 + 15 query t of sequence b may see, as 16 bits (none past S).
@@ -71,7 +80,6 @@ void task(const Call &c, int64_t b, int64_t h, int64_t t0) {
     }
     alignas(64) float ot[HD][QB] = {};  // O^T: column d of the 16 output rows
     __m512 m = _mm512_set1_ps(ninf), l = _mm512_setzero_ps();
-    const bf16 *kbase = c.k + b * c.ks0 + g * c.ks1;
     const uint32_t *vbase = c.vp + (b * c.KV + g) * (c.S2 / 2) * HD;
     const __m512 sc = _mm512_set1_ps(c.scale), ninfv = _mm512_set1_ps(ninf);
     const __m512i pair_idx = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
@@ -84,7 +92,9 @@ void task(const Call &c, int64_t b, int64_t h, int64_t t0) {
         }
         if (any == 0) continue;  // nothing this block of queries may see here
         const bf16 *kr[KB];
-        for (int j = 0; j < KB; j++) kr[j] = s0 + j < c.S ? kbase + (s0 + j) * c.ks2 : zero_row;
+        for (int j = 0; j < KB; j++)  // (a blocked buffer holds whole blocks: no row past them)
+            kr[j] = s0 + j < c.S || c.blocked ? c.key(b, g, s0 + j) : zero_row;
+        const int64_t step = c.pair_step();
         __m512 s[KB];
         for (int j = 0; j < KB; j++) s[j] = _mm512_setzero_ps();
         for (int d = 0; d < HD / 2; d++) {  // S^T = K Q^T, 32 products per instruction
@@ -92,7 +102,7 @@ void task(const Call &c, int64_t b, int64_t h, int64_t t0) {
 #pragma GCC unroll 16
             for (int j = 0; j < KB; j++) {
                 int32_t kk;
-                std::memcpy(&kk, kr[j] + 2 * d, 4);
+                std::memcpy(&kk, kr[j] + step * d, 4);
                 s[j] = _mm512_dpbf16_ps(s[j], qv, (__m512bh)_mm512_set1_epi32(kk));
             }
         }
@@ -167,19 +177,21 @@ at::Tensor pack_values(const at::Tensor &v, int64_t S2) {
 
 at::Tensor flash_attend(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v, const at::Tensor &mask,
                         double scale) {
-    const int64_t B = q.size(0), H = q.size(1), T = q.size(2), hd = q.size(3), KV = k.size(1), S = k.size(2);
+    const int64_t B = q.size(0), H = q.size(1), T = q.size(2), hd = q.size(3), KV = v.size(1), S = v.size(2);
+    const bool blocked = k.dim() == 6;  // (B, KV, S16 / 16, hd / 2, 16, 2), else (B, KV, S, hd)
     TORCH_CHECK(q.scalar_type() == at::kBFloat16 && k.scalar_type() == at::kBFloat16 &&
                 v.scalar_type() == at::kBFloat16 && mask.scalar_type() == at::kBool, "flash_attend: bf16 and a bool mask");
-    TORCH_CHECK((hd == 64 || hd == 96 || hd == 128 || hd == 256) && q.stride(3) == 1 && k.stride(3) == 1 &&
-                v.stride(3) == 1 && v.sizes() == k.sizes() && k.size(3) == hd && H % KV == 0 &&
-                mask.size(0) == B && mask.size(2) == T && mask.size(3) == S, "flash_attend: bad shapes");
+    TORCH_CHECK((hd == 64 || hd == 96 || hd == 128 || hd == 256) && q.stride(3) == 1 && v.stride(3) == 1 &&
+                v.size(0) == B && v.size(3) == hd && H % KV == 0 && mask.size(0) == B && mask.size(2) == T &&
+                mask.size(3) == S && (blocked ? blocked_keys_ok(k, B, KV, S, hd) : k.sizes() == v.sizes() && k.stride(3) == 1),
+                "flash_attend: bad shapes");
     const int64_t S2 = (S + KB - 1) / KB * KB;
     const at::Tensor vp = pack_values(v, S2);
     at::Tensor out = at::empty({B, T, H, hd}, q.options());
     const Call c{q.const_data_ptr<bf16>(), k.const_data_ptr<bf16>(), mask.const_data_ptr<bool>(),
                  reinterpret_cast<const uint32_t *>(vp.const_data_ptr()), out.data_ptr<bf16>(), H, T, S, S2, H / KV,
-                 q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), mask.stride(0),
-                 mask.stride(2), mask.stride(3), KV, (float)scale};
+                 q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), blocked ? hd : k.stride(2),
+                 mask.stride(0), mask.stride(2), mask.stride(3), KV, (float)scale, blocked};
     const int64_t nt = (T + QB - 1) / QB;
     // tasks (query block, sequence, head), later query blocks first: with a causal mask they see the most
     // keys, and handing out the largest tasks first keeps the threads' shares even
