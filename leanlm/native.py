@@ -148,8 +148,8 @@ def flash_attention() -> bool:
 
 
 def amx() -> bool:
-    """Do prompts' int4 products (64 rows or more) run on AMX tiles (kernels/amx.cpp)? Needs AMX-INT8 and the
-    kernel's leave; LEANLM_AMX=0: no (read at each call)."""
+    """Do int4 products of 32 rows or more (prompts, batches of 32) run on AMX tiles (kernels/amx.cpp)? Needs
+    AMX-INT8 and the kernel's leave; LEANLM_AMX=0: no (read at each call)."""
     return ops_library() and hasattr(torch.ops.leanlm_native, "amx_usable") and torch.ops.leanlm_native.amx_usable()
 
 

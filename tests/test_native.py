@@ -237,11 +237,11 @@ def test_int4_vnni_rows_do_not_depend_on_their_company() -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_amx_tiles_score_exactly_like_the_vnni_loops(n: int, k: int, bits: int, dtype: torch.dtype,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    """Prompts of 64 rows or more take AMX tiles (kernels/amx.cpp): every row must be the same bits as on the
-    VNNI loops (a prompt's last row and a decode step score alike), whatever the row count's remainder."""
+    """Prompts and batches of 32 rows or more take AMX tiles (kernels/amx.cpp): every row must be the same bits as
+    on the VNNI loops (a prompt's last row and a decode step score alike), whatever the row count's remainder."""
     lin, _ = _vnni_linear(n, k, 1, n + k, bits)
     x = torch.randn(95, k, generator=torch.Generator().manual_seed(k)).to(dtype)
-    for m in (64, 65, 79, 95):
+    for m in (32, 33, 47, 64, 79, 95):
         monkeypatch.setenv("LEANLM_AMX", "0")
         ref = lin(x[:m])
         monkeypatch.setenv("LEANLM_AMX", "1")

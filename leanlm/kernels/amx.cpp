@@ -1,5 +1,5 @@
 /* The int4 kernel's integer dot products on AMX tiles (Intel Sapphire Rapids and later), for prompts: int4_vnni.cpp
- * calls `amx::int4_mm` for 64 rows or more where the CPU has AMX-INT8 and the kernel lets this process use it;
+ * calls `amx::int4_mm` for 32 rows or more where the CPU has AMX-INT8 and the kernel lets this process use it;
  * otherwise, and for fewer rows, it runs its own `vpdpbusd` loops.
  *
  * One `tdpbsud` computes a whole (rows x 16 outputs x 32 inputs) block of a group's integer sums in the AMX

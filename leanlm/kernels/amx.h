@@ -8,7 +8,7 @@
 
 namespace amx {
 
-constexpr int64_t MIN_ROWS = 64;  // below this the VNNI loops are as fast (bench/NOTES.md)
+constexpr int64_t MIN_ROWS = 32;  // below this the VNNI loops are as fast (bench/NOTES.md)
 
 bool usable();
 
