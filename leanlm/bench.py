@@ -292,7 +292,7 @@ def bench_main(a: argparse.Namespace) -> None:
     if a.compare and (path.is_dir() or path.suffix.lower() != ".gguf"):
         raise LeanLMError(f"--compare llama.cpp needs a .gguf model, and {path} is not one")
     spec = BenchSpec(str(path), a.prompt_tokens, a.gen_tokens, batches, a.threads or default_threads(),
-                     a.dtype, a.prefill_chunk, a.compile)
+                     a.dtype, a.prefill_chunk, a.compile, a.kv_cache)
     if a.repeat < 1:
         raise LeanLMError("--repeat must be >= 1")
     out = run_bench(spec, a.compare, a.price_per_hour, a.repeat)

@@ -44,6 +44,7 @@ class BenchSpec:
     dtype: str = "auto"
     chunk: int = 512
     compile: str = "on"  # the decode step: compiled (built once and cached) or eager ("off")
+    kv_cache: str = "auto"  # our K/V cache type (llama.cpp keeps its default, f16)
 
 
 # --- measurements ------------------------------------------------------------------------------
@@ -103,7 +104,7 @@ def greedy_batch(model: Transformer, prompt: list[int], batch: int, gen: int, ch
     step = step or decode_step
     n, device = len(prompt), model.device
     with torch.inference_mode():
-        cache = ModelCache(model.cfg, batch, n + gen, chunk, model.dtype, device)
+        cache = ModelCache.for_model(model, batch, n + gen, chunk)
         ids = torch.tensor([prompt], device=device).expand(batch, n)
         out = torch.empty(batch, gen, dtype=torch.long, device=device)
         t0 = time.perf_counter()
@@ -134,7 +135,8 @@ def run_leanlm(spec: BenchSpec, ids: list[int]) -> dict[str, Any]:
 
     base = rss_mib()
     t0 = time.perf_counter()
-    llm = load(spec.model, dtype=spec.dtype, threads=spec.threads, progress=False, prefill_chunk=spec.chunk)
+    llm = load(spec.model, dtype=spec.dtype, threads=spec.threads, progress=False, prefill_chunk=spec.chunk,
+               kv_cache=spec.kv_cache)
     load_s = time.perf_counter() - t0
     model = llm.model
     if len(ids) + spec.gen_tokens > model.cfg.context_length:

@@ -23,11 +23,17 @@ Rolling buffer index math (slot = position mod S, S = W + slack):
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 import torch
 
 from . import native
 from .config import ModelConfig
+from .errors import LeanLMError
+from .kv_int8 import Int8KVBuffer
+
+if TYPE_CHECKING:
+    from .model import Transformer
 
 BLOCK = 16  # slots per block of the blocked key layout
 
@@ -44,6 +50,8 @@ class KVBuffer:
 
     Caches are plain objects holding tensors, not nn.Modules: a compiled decode step (compiled.py) then
     treats their sizes as dynamic, where module buffers would be baked in as constants."""
+
+    quantized = False  # (kv_int8.Int8KVBuffer: True)
 
     def __init__(self, batch: int, n_kv: int, size: int, head_dim: int, window: int | None,
                  dtype: torch.dtype, pos: torch.Tensor, device: torch.device | str | None = None,
@@ -84,6 +92,16 @@ class KVBuffer:
         n = min(kv_len, self.size)
         return self.k[:, :, :-(-n // BLOCK) if self.blocked else n], self.v[:, :, :n]
 
+    def rows(self, lo: int, hi: int, pos: torch.Tensor) -> KVBuffer:
+        """This buffer's batch rows lo..hi-1 (views sharing memory), with the slot table `pos` for them."""
+        view = KVBuffer.__new__(KVBuffer)
+        view.window, view.pos, view.blocked = self.window, pos, self.blocked
+        view.k, view.v = self.k[lo:hi], self.v[lo:hi]
+        return view
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.k, self.v]
+
 
 def key_rows(k: torch.Tensor, n: int) -> torch.Tensor:
     """Keys as (B, n_kv, n, hd) rows: `k` itself, or a copy of blocked keys (B, n_kv, S / 16, hd / 2, 16, 2)."""
@@ -91,6 +109,13 @@ def key_rows(k: torch.Tensor, n: int) -> torch.Tensor:
         return k
     B, n_kv, nb, half = k.shape[:4]
     return k.permute(0, 1, 2, 4, 3, 5).reshape(B, n_kv, nb * BLOCK, half * 2)[:, :, :n]
+
+
+def int8_kv_supported(cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str | None) -> bool:
+    """Can this model keep an int8 K/V cache (kv_int8.py) here? Decode steps attend on the codes
+    (kernels/attend_int8.cpp), prompts on dequantized rows."""
+    return (torch.device(device or "cpu").type == "cpu" and dtype == torch.bfloat16 and
+            cfg.head_dim in (64, 128, 256) and cfg.attn_softcap is None and native.int8_attention())
 
 
 def blocked_keys(cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str | None) -> bool:
@@ -117,15 +142,21 @@ class ModelCache:
     Sliding-window layers get rolling buffers of W + `chunk` slots (never more than max_len);
     full-attention layers get max_len slots. `kv_len` (one past the largest position written so
     far, a Python int kept by the caller) bounds how much of each buffer attention reads.
+    kv: "auto" (K/V in the compute dtype) or "int8" (kv_int8.py: half the bytes; needs our CPU kernels).
     """
 
     def __init__(self, cfg: ModelConfig, batch: int, max_len: int, chunk: int,
-                 dtype: torch.dtype, device: torch.device | str | None = None) -> None:
+                 dtype: torch.dtype, device: torch.device | str | None = None, kv: str = "auto") -> None:
         self.max_len, self.chunk = max_len, chunk
-        self.layers: list[KVBuffer] = []
+        self.layers: list[KVBuffer | Int8KVBuffer] = []
         # one slot table per window kind (None = full attention), each (B, size): position in each slot, -1 empty
         self.slot_pos: dict[int | None, torch.Tensor] = {}
-        blocked = blocked_keys(cfg, dtype, device)
+        if kv not in ("auto", "int8"):
+            raise LeanLMError(f"unknown K/V cache type {kv!r}: auto or int8")
+        if kv == "int8" and not int8_kv_supported(cfg, dtype, device):
+            raise LeanLMError("an int8 K/V cache needs a CPU with AVX-512 VNNI and BF16, bfloat16 compute, head dim "
+                              "64, 128 or 256 and no attention softcap")
+        blocked = kv == "int8" or blocked_keys(cfg, dtype, device)
         for w in cfg.layer_windows:
             if w not in self.slot_pos:
                 size = max_len if w is None else min(max_len, w + chunk)
@@ -133,9 +164,14 @@ class ModelCache:
                     size = -(-size // BLOCK) * BLOCK
                 self.slot_pos[w] = torch.full((batch, size), -1, dtype=torch.long, device=device)
             pos = self.slot_pos[w]
-            self.layers.append(KVBuffer(batch, cfg.n_kv_heads, pos.shape[1], cfg.head_dim, w, dtype, pos, device,
-                                        blocked))
+            args = (batch, cfg.n_kv_heads, pos.shape[1], cfg.head_dim, w, dtype, pos, device)
+            self.layers.append(Int8KVBuffer(*args) if kv == "int8" else KVBuffer(*args, blocked=blocked))
         self.kv_len = 0
+
+    @classmethod
+    def for_model(cls, model: Transformer, batch: int, max_len: int, chunk: int) -> ModelCache:
+        """A cache for `model`: its config, compute dtype, device and K/V cache type (`model.kv_cache`)."""
+        return cls(model.cfg, batch, max_len, chunk, model.dtype, model.device, model.kv_cache)
 
     def prepare(self, positions: torch.Tensor, kv_len: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Record the new positions (B, T) in the slot tables; per layer, (slots (B, T), mask (B, 1, T, S')).
@@ -163,12 +199,7 @@ class ModelCache:
         view = ModelCache.__new__(ModelCache)
         view.max_len, view.chunk, view.kv_len = self.max_len, self.chunk, self.kv_len
         view.slot_pos = {w: t[lo:hi] for w, t in self.slot_pos.items()}
-        view.layers = []
-        for b in self.layers:
-            kb = KVBuffer.__new__(KVBuffer)
-            kb.window, kb.pos, kb.k, kb.v = b.window, view.slot_pos[b.window], b.k[lo:hi], b.v[lo:hi]
-            kb.blocked = b.blocked
-            view.layers.append(kb)
+        view.layers = [b.rows(lo, hi, view.slot_pos[b.window]) for b in self.layers]
         views[lo, hi] = view
         return view
 
@@ -178,7 +209,7 @@ class ModelCache:
             t[row] = -1
 
     def tensors(self) -> list[torch.Tensor]:
-        return list(self.slot_pos.values()) + [t for b in self.layers for t in (b.k, b.v)]
+        return list(self.slot_pos.values()) + [t for b in self.layers for t in b.tensors()]
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors())

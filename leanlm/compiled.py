@@ -74,6 +74,7 @@ def layout_key(model: Transformer, batch: int, tokens: int = 1) -> str:
     """What a compiled step depends on besides tensor sizes (see the module docstring)."""
     h = hashlib.sha256()
     h.update(f"{torch.__version__}|{sys.version_info[:2]}|batch={step_kind(batch, tokens)}|{model.cfg!r}".encode())
+    h.update(f"|kv={model.kv_cache}".encode())  # the cache's tensors differ (kv_int8.py)
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
         h.update(f"|{name}:{tuple(t.shape)}:{t.dtype}:{t.device.type}".encode())
     for mod in model.modules():
@@ -88,7 +89,7 @@ def layout_key(model: Transformer, batch: int, tokens: int = 1) -> str:
 
 def _example(model: Transformer, batch: int, n_tokens: int = 1) -> tuple:
     """Inputs to trace with. Sizes of 0 or 1 would be specialised, so the buffers hold 64 positions."""
-    cache = ModelCache(model.cfg, batch, 64, 16, model.dtype, model.device)
+    cache = ModelCache.for_model(model, batch, 64, 16)
     for t in cache.tensors():  # slot tables (B, S) and K/V (B, n_kv, S, hd): S varies, and B when batched
         if t.dim() == 4:
             torch._dynamo.mark_static(t, 1)

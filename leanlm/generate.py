@@ -77,7 +77,7 @@ def generate_ids(model: Transformer, prompt: Sequence[int], sampler: Sampler, ma
         stats.finish_reason = "length"
         return
     device = model.device
-    cache = ModelCache(cfg, 1, n + max_tokens, chunk, model.dtype, device)
+    cache = ModelCache.for_model(model, 1, n + max_tokens, chunk)
     history = torch.empty(1, n + max_tokens, dtype=torch.long, device=device)  # prompt, then generated tokens
     history[0, :n] = torch.tensor(list(prompt), device=device)
     t0 = time.perf_counter()

@@ -231,12 +231,17 @@ def _sample(logits: torch.Tensor, history: torch.Tensor, *, params: SamplingPara
 
 
 def load(model: str | Path = DEFAULT_MODEL, *, dtype: str | torch.dtype = "auto", threads: int | None = None,
-         device: str = "cpu", progress: bool = True, prefill_chunk: int = 512, compile: str = "auto") -> LLM:
+         device: str = "cpu", progress: bool = True, prefill_chunk: int = 512, compile: str = "auto",
+         kv_cache: str = "auto") -> LLM:
     """Load a registry name (pulled on first use), a .gguf file or a checkpoint folder.
 
     compile: the decode step (compiled.py): "auto" uses a compiled one if it was built before, "on" builds
     it when missing (a minute or two, once per model layout), "off" stays eager.
+    kv_cache: "auto" keeps K/V in the compute dtype, "int8" in 8 bits with a scale per row (kv_int8.py: half
+    the memory, faster batched decode; its cost in perplexity is in bench/NOTES.md).
     """
+    if kv_cache not in ("auto", "int8"):
+        raise LeanLMError(f"unknown K/V cache type {kv_cache!r}: auto or int8")
     if threads:
         torch.set_num_threads(threads)
     path = resolve_model(str(model), progress=progress)
@@ -254,4 +259,11 @@ def load(model: str | Path = DEFAULT_MODEL, *, dtype: str | torch.dtype = "auto"
         if cached and weight_cache.save(m, tok, path, compute) is not None:
             m, tok = weight_cache.load(path, compute) or (m, tok)  # the mapped copy; the heap's is freed below
     release_memory()  # what the file's parsed header and the tokenizer's construction left in the heap
+    if kv_cache == "int8":
+        from .cache import int8_kv_supported
+
+        if not int8_kv_supported(m.cfg, m.dtype, m.device):
+            raise LeanLMError("--kv-cache int8 needs a CPU with AVX-512 VNNI and BF16, bfloat16 compute, head dim "
+                              "64, 128 or 256 and no attention softcap")
+    m.kv_cache = kv_cache
     return LLM(m, tok, path, prefill_chunk, compile)

@@ -94,6 +94,9 @@ class Attention(nn.Module):
         if kv is not None:
             assert slots is not None
             kv.write(slots, k, v)
+            if kv.quantized and T <= FEW_QUERIES:  # decode steps attend on the 8-bit codes (kv_int8.py)
+                o = torch.ops.leanlm_native.attend_int8(q, *kv.codes(kv_len), mask, self.scale)
+                return self.wo(o.transpose(1, 2).reshape(B, T, -1))
             k, v = kv.view(kv_len)  # (B, KV, S, hd); k blocked (B, KV, S / 16, hd / 2, 16, 2) where cache.py says
         if T <= FEW_QUERIES and cfg.attn_softcap is None:
             o = self._few_query_attention(q, k, v, mask)
@@ -194,6 +197,8 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
+    kv_cache = "auto"  # the K/V cache type its caches get (ModelCache.for_model): "auto" or "int8"
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg

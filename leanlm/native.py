@@ -112,6 +112,9 @@ def ops_library() -> bool:
     if hasattr(ops, "attend"):
         torch.library.register_fake("leanlm_native::attend")(lambda q, k, v, mask, scale: torch.empty_like(
             q, memory_format=torch.contiguous_format))
+    if hasattr(ops, "attend_int8"):
+        torch.library.register_fake("leanlm_native::attend_int8")(
+            lambda q, k, ks, v, vs, mask, scale: torch.empty_like(q, memory_format=torch.contiguous_format))
     if hasattr(ops, "flash_attend"):
         torch.library.register_fake("leanlm_native::flash_attend")(lambda q, k, v, mask, scale: q.new_empty(
             q.shape[0], q.shape[2], q.shape[1], q.shape[3]).transpose(1, 2))
@@ -139,6 +142,11 @@ def attention() -> bool:
 def argmax() -> bool:
     """Does greedy choice over fp32 logits run on our operator (kernels/rowops.cpp)? LEANLM_NATIVE_ROWS=0: no."""
     return row_ops() and hasattr(torch.ops.leanlm_native, "argmax")
+
+
+def int8_attention() -> bool:
+    """Does decode attention over an int8 K/V cache run here (kernels/attend_int8.cpp, AVX-512 VNNI and BF16)?"""
+    return ops_library() and hasattr(torch.ops.leanlm_native, "attend_int8")
 
 
 def flash_attention() -> bool:

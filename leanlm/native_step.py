@@ -110,7 +110,7 @@ def native_step(model: Transformer, tokens: int = 1) -> DecodeStep | None:
         if toks.shape[1] > MAX_TOKENS:  # a long block: the model's own path (SDPA)
             logits = model(toks, positions, cache, kv_len=kv_len)
             return logits if tokens > 1 else logits[:, -1]
-        kv = [t for b in cache.layers for t in (b.k, b.v)]
+        kv = [t for b in cache.layers for t in b.tensors()]
         logits = decoder.step(toks, positions, kv_len, kv, list(cache.slot_pos.values()), tokens == 1)
         return logits if tokens > 1 else logits[:, -1]
 

@@ -60,7 +60,7 @@ def _window_logits(model: Transformer, ids: torch.Tensor, lo: int, hi: int,
     """Run one window ids (1, ctx) from an empty cache in sub-chunks; yield (start, logits (n, V)) for the
     rows in [lo, hi) only, sub-chunk by sub-chunk (the whole window's logits are never held at once)."""
     ctx = ids.shape[1]
-    cache = ModelCache(model.cfg, 1, ctx, batch_chunk, model.dtype, model.device)
+    cache = ModelCache.for_model(model, 1, ctx, batch_chunk)
     for s in range(0, ctx, batch_chunk):
         e = min(s + batch_chunk, ctx)
         pos = torch.arange(s, e, device=ids.device)[None]  # (1, n)

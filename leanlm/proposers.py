@@ -62,7 +62,7 @@ class DraftModel:
                  vocab_size: int | None = None) -> None:
         self.model, self.step, self.chunk = model, step, chunk
         self.vocab_size = vocab_size or model.cfg.vocab_size  # the target's (q is padded to it)
-        self.cache = ModelCache(model.cfg, 1, max_len, chunk, model.dtype, model.device)
+        self.cache = ModelCache.for_model(model, 1, max_len, chunk)
         self.fed: list[int] = []  # the tokens whose keys are in the cache, at positions 0..len-1
         self.committed = 0  # fed[:committed] were committed tokens when last proposed (so they still are)
 
@@ -123,6 +123,7 @@ def early_exit(model: Transformer, n_layers: int) -> Transformer:
     view.cfg = replace(model.cfg, n_layers=n_layers, layer_windows=model.cfg.layer_windows[:n_layers])
     view.tok_embeddings, view.norm, view.output = model.tok_embeddings, model.norm, model.output
     view.layers = nn.ModuleList(list(model.layers)[:n_layers])
+    view.kv_cache = model.kv_cache
     return view
 
 

@@ -137,7 +137,7 @@ def speculative_ids(model: Transformer, prompt: Sequence[int], params: SamplingP
         stats.finish_reason = "length"
         return
     device = model.device
-    cache = ModelCache(cfg, 1, n + max_tokens + k, chunk, model.dtype, device)
+    cache = ModelCache.for_model(model, 1, n + max_tokens + k, chunk)
     tokens = list(prompt)
     t0 = time.perf_counter()
     logits = prefill(model, cache, torch.tensor([tokens], device=device), 0, chunk)[0]

@@ -37,7 +37,7 @@ def decode(m: Transformer, step: compiled.DecodeStep, ids: torch.Tensor, prompt:
            chunk: int = 3) -> torch.Tensor:
     """Prefill ids[:, :prompt] eagerly, then feed the rest through `step`; the decode logits (B, N, V)."""
     B, T = ids.shape
-    cache = ModelCache(m.cfg, B, max_len, chunk, m.dtype)
+    cache = ModelCache.for_model(m, B, max_len, chunk)
     with torch.inference_mode():
         for s in range(0, prompt, chunk):
             n = min(chunk, prompt - s)

@@ -57,7 +57,7 @@ def run(m: Transformer, step: compiled.DecodeStep, ids: torch.Tensor, lag: torch
     """Prefill 6 tokens per row eagerly, then feed blocks of T tokens through `step` (rows `lag` positions
     behind row 0); the logits of every block (B, T, V), and the cache."""
     B = ids.shape[0]
-    cache = ModelCache(m.cfg, B, max_len, chunk, m.dtype)
+    cache = ModelCache.for_model(m, B, max_len, chunk)
     out = []
     with torch.inference_mode():
         m(ids[:, :6], torch.arange(6).expand(B, 6), cache, kv_len=6)
@@ -72,13 +72,14 @@ def run(m: Transformer, step: compiled.DecodeStep, ids: torch.Tensor, lag: torch
 
 @pytest.mark.parametrize("gemma", [False, True])
 @pytest.mark.parametrize("batch", [1, 3])
-@pytest.mark.parametrize("head_dim", [16, 64])
-def test_native_step_matches_the_eager_model(gemma: bool, batch: int, head_dim: int) -> None:
+@pytest.mark.parametrize(("head_dim", "kv"), [(16, "auto"), (64, "auto"), (64, "int8")])
+def test_native_step_matches_the_eager_model(gemma: bool, batch: int, head_dim: int, kv: str) -> None:
     """Decode steps, one sequence and a batch whose rows sit at different positions; Gemma-style rolling
     buffers (window 4 + chunk 6 slots) wrap many times. The same bf16 arithmetic: equal up to the rounding of
     a norm's sum or an exp (on these sizes they agree exactly; on real ones a
     last-bit difference in bf16 can move logits by ~1%)."""
     m = quantized(gemma, head_dim=head_dim)
+    m.kv_cache = kv
     step = native_step.native_step(m)
     assert step is not None
     ids = torch.randint(0, 96, (batch, 40), generator=torch.Generator().manual_seed(batch))
@@ -86,23 +87,24 @@ def test_native_step_matches_the_eager_model(gemma: bool, batch: int, head_dim: 
     blocks = [1] * 25
     ref, ref_cache = run(m, compiled.decode_step, ids, lag, blocks)
     got, got_cache = run(m, step, ids, lag, blocks)
-    assert got_cache.layers[0].blocked == (head_dim == 64)
+    assert got_cache.layers[0].blocked == (head_dim == 64) and got_cache.layers[0].quantized == (kv == "int8")
     ref, got = torch.cat(ref, 1), torch.cat(got, 1)
     assert got.shape == ref.shape == (batch, 25, 96)
     assert torch.equal(got, ref)
     for w, t in ref_cache.slot_pos.items():  # the step records positions in the slot tables itself
         assert torch.equal(got_cache.slot_pos[w], t)
-    for a, b in zip(ref_cache.layers, got_cache.layers):
-        assert torch.equal(a.k, b.k) and torch.equal(a.v, b.v)
+    for a, b in zip(ref_cache.layers, got_cache.layers):  # the same writes (int8: the same codes and scales)
+        assert all(torch.equal(x, y) for x, y in zip(a.tensors(), b.tensors()))
 
 
 @pytest.mark.parametrize("gemma", [False, True])
 @pytest.mark.parametrize("batch", [1, 3])
-@pytest.mark.parametrize("head_dim", [16, 64])
-def test_a_verified_block_scores_like_single_steps(gemma: bool, batch: int, head_dim: int) -> None:
+@pytest.mark.parametrize(("head_dim", "kv"), [(16, "auto"), (64, "auto"), (64, "int8")])
+def test_a_verified_block_scores_like_single_steps(gemma: bool, batch: int, head_dim: int, kv: str) -> None:
     """Speculative decoding's exactness: the verify step's logits for blocks of 2-6 tokens equal the decode
     step's for the same tokens one at a time, bit for bit."""
     m = quantized(gemma, head_dim=head_dim)
+    m.kv_cache = kv
     single, verify = native_step.native_step(m), native_step.native_step(m, tokens=2)
     ids = torch.randint(0, 96, (batch, 40), generator=torch.Generator().manual_seed(7))
     lag = -torch.arange(batch)[:, None] * 3

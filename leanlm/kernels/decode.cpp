@@ -31,6 +31,7 @@
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
 #include <immintrin.h>
 
+#include "cache.h"
 #include "ops.h"
 #include "rows.h"
 
@@ -144,7 +145,7 @@ struct Decoder : torch::CustomClassHolder {
     at::Tensor step(at::Tensor tokens, at::Tensor positions, int64_t kv_len, std::vector<at::Tensor> kv,
                     std::vector<at::Tensor> tables, bool last_only) const;
     at::Tensor attention(const Layer &L, const at::Tensor &xn, const int64_t *pos, int64_t B, int64_t T,
-                         int64_t kv_len, const at::Tensor &kc, const at::Tensor &vc, const at::Tensor &mask,
+                         int64_t kv_len, const kvcache::Layer &cache, const at::Tensor &mask,
                          const std::pair<std::vector<float>, std::vector<float>> &cs) const;
     at::Tensor mlp(const Layer &L, const at::Tensor &xn) const;
 };
@@ -187,7 +188,7 @@ void norm_rows(const at::Tensor &x, const at::Tensor &w, float eps, at::Tensor &
 // embedding, the cache write at slot position % S, attention over the slots the mask allows, the output
 // projection -> (M, D16) bf16.
 at::Tensor Decoder::attention(const Layer &L, const at::Tensor &xn, const int64_t *pos, int64_t B, int64_t T,
-                              int64_t kv_len, const at::Tensor &kc, const at::Tensor &vc, const at::Tensor &mask,
+                              int64_t kv_len, const kvcache::Layer &cache, const at::Tensor &mask,
                               const std::pair<std::vector<float>, std::vector<float>> &cs) const {
     const int64_t M = B * T, nq = H * hd, nk = KV * hd, h2 = rd / 2;
     std::vector<at::Tensor> ys;
@@ -201,11 +202,9 @@ at::Tensor Decoder::attention(const Layer &L, const at::Tensor &xn, const int64_
         stride[j] = y.size(1);
     }
     at::Tensor q = at::empty({B, T, H, hd}, xn.options());  // (B, T, H, hd)
-    bf16 *qp = q.data_ptr<bf16>(), *kp = kc.data_ptr<bf16>(), *vp = vc.data_ptr<bf16>();
-    const bool blocked = kc.dim() == 6;  // keys in blocks of 16 slots (cache.py): (B, KV, S / 16, hd / 2, 16, 2)
-    const int64_t S = vc.size(2), ks0 = kc.stride(0), ks1 = kc.stride(1), ks2 = blocked ? 0 : kc.stride(2);
-    TORCH_CHECK(!blocked || hd <= 256, "Decoder: blocked keys need a head dim of at most 256");
-    const int64_t vs0 = vc.stride(0), vs1 = vc.stride(1), vs2 = vc.stride(2);
+    bf16 *qp = q.data_ptr<bf16>();
+    const int64_t S = cache.S;
+    TORCH_CHECK(hd <= 512, "Decoder: head dim above 512");
     const float *qn = qk_norm ? L.q_norm.const_data_ptr<float>() : nullptr;
     const float *kn = qk_norm ? L.k_norm.const_data_ptr<float>() : nullptr;
     // one unit per (row, head): the H query heads, then the KV key/value heads; a batch's units share the pool
@@ -224,23 +223,13 @@ at::Tensor Decoder::attention(const Layer &L, const at::Tensor &xn, const int64_
                 continue;
             }
             const int64_t g = h - H;
-            bf16 *dk = kp + b * ks0 + g * ks1;
-            if (!blocked) {
-                head(src[1] + m * stride[1] + g * hd, dk + slot * ks2, kn);
-            } else {  // pair d of the slot's dims is word d * 16 + slot % 16 of its block
-                bf16 row[256];
-                head(src[1] + m * stride[1] + g * hd, row, kn);
-                bf16 *blk = dk + slot / 16 * 16 * hd + slot % 16 * 2;
-                for (int64_t d = 0; d < hd / 2; d++) std::memcpy(blk + d * 32, row + 2 * d, 2 * sizeof(bf16));
-            }
-            const bf16 *v = src[2] + m * stride[2] + g * hd;
-            bf16 *dv = vp + b * vs0 + g * vs1 + slot * vs2;
-            std::memcpy(dv, v, hd * sizeof(bf16));
+            bf16 row[512];
+            head(src[1] + m * stride[1] + g * hd, row, kn);
+            cache.key(b, g, slot, row);  // in the cache's layout (cache.h)
+            cache.value(b, g, slot, src[2] + m * stride[2] + g * hd);
         }
     });
-    const int64_t n = std::min(kv_len, S);
-    at::Tensor o = attend(q.permute({0, 2, 1, 3}), kc.slice(2, 0, blocked ? (n + 15) / 16 : n), vc.slice(2, 0, n),
-                          mask, attn_scale);
+    at::Tensor o = cache.attend(q.permute({0, 2, 1, 3}), mask, std::min(kv_len, S), attn_scale);
     if (T > 1) o = o.permute({0, 2, 1, 3}).contiguous();  // (B, H, T, hd) -> (B, T, H, hd)
     return L.o(o.view({M, nq}));
 }
@@ -259,12 +248,13 @@ at::Tensor Decoder::mlp(const Layer &L, const at::Tensor &xn) const {
 }
 
 // tokens, positions (B, T) -> logits (B, T, V) fp32 ((B, 1, V) if last_only): model.py's forward with a cache.
-// kv: each layer's K and V buffers (B, KV, S, hd) bf16; tables: the cache's slot tables (B, S) in
+// kv: each layer's cache tensors (2 or 4 a layer: cache.h); tables: the cache's slot tables (B, S) in
 // ModelCache.slot_pos order, where this step records the new positions (as ModelCache.prepare does).
 at::Tensor Decoder::step(at::Tensor tokens, at::Tensor positions, int64_t kv_len, std::vector<at::Tensor> kv,
                          std::vector<at::Tensor> tables, bool last_only) const {
-    TORCH_CHECK(kv.size() == 2 * layers.size() && tokens.sizes() == positions.sizes() && tokens.dim() == 2,
-                "Decoder.step: bad arguments");
+    const size_t per = layers.empty() ? 2 : kv.size() / layers.size();  // tensors a layer
+    TORCH_CHECK((per == 2 || per == 4) && kv.size() == per * layers.size() && tokens.sizes() == positions.sizes() &&
+                tokens.dim() == 2, "Decoder.step: bad arguments");
     const int64_t B = positions.size(0), T = positions.size(1), M = B * T;
     const at::Tensor tok = tokens.contiguous(), pos_t = positions.contiguous();
     const int64_t *pos = pos_t.const_data_ptr<int64_t>();
@@ -285,8 +275,8 @@ at::Tensor Decoder::step(at::Tensor tokens, at::Tensor positions, int64_t kv_len
         if (!masks.count(key)) masks[key] = make_mask(tab, pos, B, T, std::min(kv_len, tab.size(1)), L.window);
         if (!ropes.count(L.local)) ropes.emplace(L.local, rope_tables(pos, M, L.local));
         norm_rows(x, L.attn_norm, e, xn);
-        add_rows(x, attention(L, xn, pos, B, T, kv_len, kv[2 * l], kv[2 * l + 1], masks[key], ropes[L.local]),
-                 L.post_attn_norm, e);
+        const kvcache::Layer cache({kv.begin() + per * l, kv.begin() + per * (l + 1)}, hd);
+        add_rows(x, attention(L, xn, pos, B, T, kv_len, cache, masks[key], ropes[L.local]), L.post_attn_norm, e);
         norm_rows(x, L.ffn_norm, e, xn);
         add_rows(x, mlp(L, xn), L.post_ffn_norm, e);
     }

@@ -14,6 +14,10 @@ at::Tensor attend(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v,
 // slot (cache.py's blocked key layout); S from the mask (attend calls it)
 at::Tensor attend_blocked(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v, const at::Tensor &mask,
                           double scale);
+// attend_int8.cpp: the same over an int8 cache (kv_int8.py): k (B, KV, S16 / 16, hd / 4, 16, 4) uint8, scales
+// (B, KV, S16) fp32, v (B, KV, S16, hd) int8
+at::Tensor attend_int8(const at::Tensor &q, const at::Tensor &k, const at::Tensor &k_scale, const at::Tensor &v,
+                       const at::Tensor &v_scale, const at::Tensor &mask, double scale);
 // Are k's shape and strides those of blocked keys for B sequences, KV heads, S slots (or more), head dim hd?
 inline bool blocked_keys_ok(const at::Tensor &k, int64_t B, int64_t KV, int64_t S, int64_t hd) {
     return k.dim() == 6 && k.size(0) == B && k.size(1) == KV && k.size(2) * 16 >= S && k.size(3) == hd / 2 &&

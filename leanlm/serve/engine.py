@@ -114,7 +114,7 @@ class Engine:
                 raise LeanLMError(f"speculate must be in [1, {chunk - 1}] (the prefill chunk bounds a verified "
                                   "block)")
             extra = speculation.k  # slots for the padding of a block that starts at the context's last position
-        self.cache = ModelCache(cfg, max_batch, self.max_len + extra, chunk, llm.model.dtype, llm.model.device)
+        self.cache = ModelCache.for_model(llm.model, max_batch, self.max_len + extra, chunk)
         self.rows: list[Sequence | None] = [None] * max_batch
         self.waiting: deque[Sequence] = deque()
         self.jobs: deque[tuple[Callable[[], Any], Future]] = deque()  # run on the engine thread (run_job)
