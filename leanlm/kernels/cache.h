@@ -9,9 +9,8 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <immintrin.h>
 
-#include <algorithm>
-#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -22,12 +21,20 @@ namespace kvcache {
 
 using bf16 = at::BFloat16;
 
-// row (hd) -> codes and scale, as kv_int8.quantize_rows computes them
+// row (hd, a multiple of 16) -> codes and scale, as kv_int8.quantize_rows computes them (IEEE division and
+// round-to-nearest-even in every lane, as torch's)
 inline float quantize_row(const bf16 *row, int64_t hd, int8_t *codes) {
-    float amax = 0;
-    for (int64_t d = 0; d < hd; d++) amax = std::max(amax, std::fabs((float)row[d]));
-    const float s = amax / 127.0f;
-    for (int64_t d = 0; d < hd; d++) codes[d] = s > 0 ? (int8_t)std::nearbyint((float)row[d] / s) : 0;
+    const auto load16 = [&](int64_t d) {
+        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(row + d))), 16));
+    };
+    __m512 amax = _mm512_setzero_ps();
+    for (int64_t d = 0; d < hd; d += 16) amax = _mm512_max_ps(amax, _mm512_abs_ps(load16(d)));
+    const float s = _mm512_reduce_max_ps(amax) / 127.0f;
+    const __m512 sv = _mm512_set1_ps(s);
+    for (int64_t d = 0; d < hd; d += 16) {
+        const __m512i c = s > 0 ? _mm512_cvtps_epi32(_mm512_div_ps(load16(d), sv)) : _mm512_setzero_si512();
+        _mm_storeu_si128((__m128i *)(codes + d), _mm512_cvtepi32_epi8(c));
+    }
     return s;
 }
 
@@ -38,7 +45,7 @@ struct Layer {
     explicit Layer(std::vector<at::Tensor> tensors, int64_t head_dim)
         : t(std::move(tensors)), blocked(t[0].dim() == 6), int8(t.size() == 4), S(t[int8 ? 2 : 1].size(2)),
           hd(head_dim) {
-        TORCH_CHECK(!blocked || hd <= 256, "Decoder: blocked keys need a head dim of at most 256");
+        TORCH_CHECK(!blocked || (hd <= 256 && hd % 16 == 0), "Decoder: blocked keys need a head dim of 16k <= 256");
     }
     const at::Tensor &k() const { return t[0]; }
     const at::Tensor &v() const { return t[int8 ? 2 : 1]; }
@@ -50,7 +57,12 @@ struct Layer {
             int8_t codes[256];
             t[1].data_ptr<float>()[b * t[1].stride(0) + g * t[1].stride(1) + slot] = quantize_row(row, hd, codes);
             uint8_t *blk = k.data_ptr<uint8_t>() + b * k.stride(0) + g * k.stride(1) + slot / 16 * 16 * hd + slot % 16 * 4;
-            for (int64_t d = 0; d < hd; d++) blk[d / 4 * 64 + d % 4] = (uint8_t)(codes[d] + 128);
+            for (int64_t w = 0; w < hd / 4; w++) {  // 4 codes a word, each + 128 (flipping the top bit)
+                uint32_t word;
+                std::memcpy(&word, codes + 4 * w, 4);
+                word ^= 0x80808080u;
+                std::memcpy(blk + w * 64, &word, 4);
+            }
         } else if (blocked) {
             bf16 *blk = k.data_ptr<bf16>() + b * k.stride(0) + g * k.stride(1) + slot / 16 * 16 * hd + slot % 16 * 2;
             for (int64_t d = 0; d < hd / 2; d++) std::memcpy(blk + d * 32, row + 2 * d, 2 * sizeof(bf16));
