@@ -30,7 +30,7 @@ import torch
 from . import native
 from .config import ModelConfig
 from .errors import LeanLMError
-from .kv_int8 import Int8KVBuffer
+from .kv_int8 import Int8KVBuffer, native_writes
 
 if TYPE_CHECKING:
     from .model import Transformer
@@ -77,6 +77,9 @@ class KVBuffer:
         26, 34, 42. (A `scatter_` along the slot axis made inductor copy the whole buffer every step:
         5 ms per token at batch 8 on SmolLM2.)
         """
+        if self.blocked and native_writes(k):  # (kernels/cache_ops.cpp: the same bits in one pass)
+            torch.ops.leanlm_native.cache_write(self.tensors(), slots, k, v)
+            return
         B, n_kv, T, hd = k.shape
         rows = (torch.arange(B * n_kv, device=k.device).view(B, n_kv, 1) * self.size + slots[:, None, :]).flatten()
         self.v.view(-1, hd).index_copy_(0, rows, v.reshape(-1, hd))  # (B * n_kv * T, hd) rows

@@ -17,7 +17,15 @@ from __future__ import annotations
 
 import torch
 
+from . import native
+
 BLOCK = 16
+
+
+def native_writes(x: torch.Tensor) -> bool:
+    """Do cache writes and reads of `x`'s device go through our operators (kernels/cache_ops.cpp: the same bits
+    as the PyTorch code beside each, in one pass)? Not inside a graph being compiled."""
+    return x.device.type == "cpu" and not torch.compiler.is_compiling() and native.int8_attention()
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,6 +57,9 @@ class Int8KVBuffer:
 
     def write(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store new keys/values (B, n_kv, T, hd) at slots (B, T), quantized."""
+        if native_writes(k):
+            torch.ops.leanlm_native.cache_write(self.tensors(), slots, k, v)
+            return
         B, n_kv, T, hd = k.shape
         b = torch.arange(B, device=k.device).view(B, 1)
         kc, ks = quantize_rows(k.transpose(1, 2))  # (B, T, n_kv, hd), (B, T, n_kv)
@@ -67,6 +78,8 @@ class Int8KVBuffer:
     def view(self, kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Dequantized k, v (B, n_kv, n, hd) in the compute dtype (a copy) for prompts and other paths."""
         n = min(kv_len, self.size)
+        if native_writes(self.v):
+            return torch.ops.leanlm_native.cache_rows(self.tensors(), n)
         B, n_kv, nb, quarter = self.k.shape[:4]
         k = self.k.permute(0, 1, 2, 4, 3, 5).reshape(B, n_kv, nb * BLOCK, quarter * 4)[:, :, :n]
         k = (k.float() - 128) * self.k_scale[:, :, :n, None]

@@ -115,6 +115,11 @@ def ops_library() -> bool:
     if hasattr(ops, "attend_int8"):
         torch.library.register_fake("leanlm_native::attend_int8")(
             lambda q, k, ks, v, vs, mask, scale: torch.empty_like(q, memory_format=torch.contiguous_format))
+    if hasattr(ops, "cache_rows"):
+        torch.library.register_fake("leanlm_native::cache_write")(lambda cache, slots, k, v: None)
+        torch.library.register_fake("leanlm_native::cache_rows")(lambda cache, n: (
+            cache[2].new_empty(*cache[2].shape[:2], n, cache[2].shape[3], dtype=torch.bfloat16),
+            cache[2].new_empty(*cache[2].shape[:2], n, cache[2].shape[3], dtype=torch.bfloat16)))
     if hasattr(ops, "flash_attend"):
         torch.library.register_fake("leanlm_native::flash_attend")(lambda q, k, v, mask, scale: q.new_empty(
             q.shape[0], q.shape[2], q.shape[1], q.shape[3]).transpose(1, 2))

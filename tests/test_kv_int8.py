@@ -47,6 +47,32 @@ def test_buffer_keeps_codes_and_views_dequantized_rows() -> None:
     assert q8.k[1, 2, 2, 2, 5, 2] == codes[1, 2, 37, 10] + 128 and q8.k_scale[1, 2, 37] == s[1, 2, 37]
 
 
+@needs_kernels
+@pytest.mark.parametrize("int8", [False, True])
+def test_cache_operators_write_and_read_the_same_bits_as_pytorch(int8: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """kernels/cache_ops.cpp against the PyTorch code it replaces: int8 and blocked bf16 buffers, random slots
+    of a batch, head dims 64 and 256; the dequantized rows too."""
+    from leanlm import cache, kv_int8
+
+    g = torch.Generator().manual_seed(3)
+    for hd in (64, 256):
+        pos = torch.zeros(3, 32, dtype=torch.long)
+        args = (3, 2, 32, hd, None, torch.bfloat16, pos)
+        ours, ref = (Int8KVBuffer(*args) if int8 else KVBuffer(*args, blocked=True) for _ in range(2))
+        for T in (7, 1, 2):
+            slots = torch.stack([torch.randperm(32, generator=g)[:T] for _ in range(3)])
+            k = torch.randn(3, T, 2, hd, generator=g).bfloat16().transpose(1, 2)  # (B, KV, T, hd) strided
+            v = torch.randn(3, 2, T, hd, generator=g).bfloat16() * 5
+            ours.write(slots, k, v)
+            with monkeypatch.context() as mp:
+                mp.setattr(kv_int8, "native_writes", lambda x: False)
+                mp.setattr(cache, "native_writes", lambda x: False)
+                ref.write(slots, k, v)
+                want = ref.view(29)
+        assert all(torch.equal(a, b) for a, b in zip(ours.tensors(), ref.tensors()))
+        assert all(torch.equal(a, b) for a, b in zip(ours.view(29), want))
+
+
 def test_int8_cache_needs_our_kernels_and_says_why() -> None:
     m = random_transformer((None,), dim=128, n_heads=2, n_kv_heads=1, head_dim=64)
     with pytest.raises(LeanLMError, match="int8 K/V cache needs"):
