@@ -141,3 +141,28 @@ def test_real_model_with_int8_kv_keeps_quality(smol_path: Path) -> None:
     llm.model.kv_cache = "auto"
     bf16 = decode(llm.model, step, x, 32, len(ids), chunk=32)[0, :-1].float()
     assert (logits.argmax(-1) == bf16.argmax(-1)).float().mean() >= 0.9
+
+
+@needs_kernels
+@pytest.mark.parametrize("speculate", [False, True])
+def test_serving_engine_on_an_int8_cache_equals_plain_greedy(speculate: bool) -> None:
+    """A continuous batch over an int8 cache (rows joining and leaving, prefill chunks between decode steps,
+    rolling buffers, verified blocks): every sequence gets the tokens greedy decoding alone gives it."""
+    from test_serve_speculative import EOS, PROMPTS, run, tiny_llm
+
+    from leanlm.generate import generate_ids
+    from leanlm.llm import Speculation
+    from leanlm.sampling import SamplingParams
+    from leanlm.serve.engine import Engine
+
+    llm = tiny_llm(dim=128, head_dim=64)
+    llm.model.to(torch.bfloat16).kv_cache = "int8"
+    params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=i % 2 == 0)
+              for i, n in enumerate((50, 9, 70, 60, 33, 1))]
+    want = [list(generate_ids(llm.model, p, lambda lg, h: lg.argmax(-1), sp.max_tokens, chunk=6,
+                              stop_ids=frozenset() if sp.ignore_eos else frozenset({EOS})))
+            for p, sp in zip(PROMPTS, params)]
+    engine = Engine(llm, max_batch=3, max_len=100, chunk=6, speculation=Speculation(4, None, "lookup") if speculate
+                    else None)
+    assert engine.cache.layers[0].quantized
+    assert run(engine, PROMPTS, params, late=2) == want
