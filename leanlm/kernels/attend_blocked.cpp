@@ -30,13 +30,14 @@
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
 #include <immintrin.h>
 
+#include "few_queries.h"
 #include "ops.h"
-#include "vnni.h"
 
 namespace {
 
 using bf16 = at::BFloat16;
-constexpr int KB = 16, MAX_ROWS = 4, PFV = 16;  // PFV: keys ahead to prefetch values for
+using fewq::KB;
+constexpr int PFV = 16;  // keys ahead to prefetch values for
 
 struct Call {
     const bf16 *q, *k, *v;
@@ -48,29 +49,12 @@ struct Call {
 
 // Which of keys s0 .. s0 + 15 query t of sequence b may see, as 16 bits (none past S).
 inline __mmask16 allowed16(const Call &c, int64_t b, int64_t t, int64_t s0) {
-    const bool *m = c.mask + b * c.ms0 + t * c.ms2;
-    if (c.ms3 == 1 && s0 + KB <= c.S)
-        return _mm_cmpneq_epi8_mask(_mm_loadu_si128((const __m128i *)(m + s0)), _mm_setzero_si128());
-    __mmask16 bits = 0;
-    for (int j = 0; j < KB && s0 + j < c.S; j++) bits |= (__mmask16)((m[(s0 + j) * c.ms3] ? 1u : 0u) << j);
-    return bits;
+    return fewq::allowed16(c.mask + b * c.ms0 + t * c.ms2, c.ms3, c.S, s0);
 }
 
-// s[0..S16) holds one row's scores (-inf where masked) and mxv their running maximum: s becomes the softmax
-// p = exp(s - max) / sum (0 where masked; all 0 for a row that sees no key).
+// s[0..S16): one row's scores (-inf where masked) with running maximum mxv -> the softmax (0 where masked)
 inline void softmax_row(float *s, int64_t S16, __m512 mxv) {
-    const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-    const __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(mxv));
-    __m512 sumv = _mm512_setzero_ps();
-    for (int64_t j0 = 0; j0 < S16; j0 += 16) {
-        const __m512 sj = _mm512_loadu_ps(s + j0);
-        const __mmask16 live = _mm512_cmp_ps_mask(sj, ninf, _CMP_NEQ_OQ);
-        const __m512 e = _mm512_maskz_mov_ps(live, vnni::exp16(_mm512_sub_ps(sj, mx)));
-        _mm512_storeu_ps(s + j0, e);
-        sumv = _mm512_add_ps(sumv, e);
-    }
-    const float sum = _mm512_reduce_add_ps(sumv);
-    const __m512 inv = _mm512_set1_ps(sum > 0 ? 1.0f / sum : 0.0f);
+    const __m512 inv = _mm512_set1_ps(fewq::exp_weights(s, S16, mxv));
     for (int64_t j0 = 0; j0 < S16; j0 += 16) _mm512_storeu_ps(s + j0, _mm512_mul_ps(_mm512_loadu_ps(s + j0), inv));
 }
 
@@ -166,16 +150,6 @@ void task(const Call &c, int64_t b, int64_t g, int64_t r0, float *s) {
     }
 }
 
-template <int HD>
-void run_task(const Call &c, int64_t b, int64_t g, int64_t r0, int nr, float *s) {
-    switch (nr) {
-        case 1: task<HD, 1>(c, b, g, r0, s); break;
-        case 2: task<HD, 2>(c, b, g, r0, s); break;
-        case 3: task<HD, 3>(c, b, g, r0, s); break;
-        default: task<HD, 4>(c, b, g, r0, s); break;
-    }
-}
-
 }  // namespace
 
 at::Tensor attend_blocked(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v, const at::Tensor &mask,
@@ -185,27 +159,17 @@ at::Tensor attend_blocked(const at::Tensor &q, const at::Tensor &k, const at::Te
                 v.scalar_type() == at::kBFloat16 && mask.scalar_type() == at::kBool, "attend: bf16 and a bool mask");
     TORCH_CHECK((hd == 64 || hd == 128 || hd == 256) && q.stride(3) == 1 && H % KV == 0 && mask.size(0) == B &&
                 mask.size(2) == T && blocked_keys_ok(k, B, KV, S, hd) && v.dim() == 4 && v.size(0) == B &&
-                v.size(1) == KV && v.size(2) == S && v.size(3) == hd && v.stride(3) == 1, "attend: bad shapes for blocked keys");
+                v.size(1) == KV && v.size(2) == S && v.size(3) == hd && v.stride(3) == 1,
+                "attend: bad shapes for blocked keys");
     at::Tensor out = at::empty(q.sizes(), q.options());
     const Call c{q.const_data_ptr<bf16>(), k.const_data_ptr<bf16>(), v.const_data_ptr<bf16>(),
                  mask.const_data_ptr<bool>(), out.data_ptr<bf16>(), H, T, S, KV, H / KV, q.stride(0), q.stride(1),
                  q.stride(2), k.stride(0), k.stride(1), v.stride(0), v.stride(1), v.stride(2), mask.stride(0),
                  mask.stride(2), mask.stride(3), (float)scale};
-    // rows per task: as many as share a key/value head (up to 4), fewer where that leaves under two tasks a
-    // thread (SmolLM2 at batch 1: 3 groups of 3 rows -> 6 tasks of 2 and 1 rows)
-    const int64_t R = c.rep * T, threads = at::get_num_threads();
-    int64_t nr = std::min<int64_t>(MAX_ROWS, R);
-    while (nr > 1 && B * KV * ((R + nr - 1) / nr) < 2 * threads) nr--;
-    const int64_t per = (R + nr - 1) / nr, S16 = (S + KB - 1) / KB * KB;
-    at::parallel_for(0, B * KV * per, 1, [&](int64_t i0, int64_t i1) {
-        std::vector<float> s(MAX_ROWS * S16);
-        for (int64_t i = i0; i < i1; i++) {
-            const int64_t bg = i / per, r0 = i % per * nr;
-            const int n = (int)std::min(nr, R - r0);
-            if (hd == 64) run_task<64>(c, bg / KV, bg % KV, r0, n, s.data());
-            else if (hd == 128) run_task<128>(c, bg / KV, bg % KV, r0, n, s.data());
-            else run_task<256>(c, bg / KV, bg % KV, r0, n, s.data());
-        }
+    fewq::row_tasks(B, KV, c.rep * T, S, [&](int64_t b, int64_t g, int64_t r0, int n, float *s) {
+        fewq::with_sizes(hd, n, [&](auto HD, auto NR) {
+            task<decltype(HD)::value, decltype(NR)::value>(c, b, g, r0, s);
+        });
     });
     return out;
 }

@@ -31,12 +31,13 @@
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
 #include <immintrin.h>
 
-#include "vnni.h"
+#include "few_queries.h"
 
 namespace {
 
 using bf16 = at::BFloat16;
-constexpr int KB = 16, MAX_ROWS = 4, PFV = 16;  // PFV: keys ahead to prefetch values for
+using fewq::KB;
+constexpr int PFV = 16;  // keys ahead to prefetch values for
 
 struct Call {
     const bf16 *q;
@@ -50,12 +51,7 @@ struct Call {
 };
 
 inline __mmask16 allowed16(const Call &c, int64_t b, int64_t t, int64_t s0) {
-    const bool *m = c.mask + b * c.ms0 + t * c.ms2;
-    if (c.ms3 == 1 && s0 + KB <= c.S)
-        return _mm_cmpneq_epi8_mask(_mm_loadu_si128((const __m128i *)(m + s0)), _mm_setzero_si128());
-    __mmask16 bits = 0;
-    for (int j = 0; j < KB && s0 + j < c.S; j++) bits |= (__mmask16)((m[(s0 + j) * c.ms3] ? 1u : 0u) << j);
-    return bits;
+    return fewq::allowed16(c.mask + b * c.ms0 + t * c.ms2, c.ms3, c.S, s0);
 }
 
 // One query row (hd bf16) -> int8 codes, their scale and sum: code = round(x / s), s = max |x| / 127 (0: all 0)
@@ -63,13 +59,15 @@ template <int HD>
 inline void quantize_query(const bf16 *x, int8_t *q8, float &s, int32_t &sum) {
     __m512 f[HD / 16], amax = _mm512_setzero_ps();
     for (int c = 0; c < HD / 16; c++) {
-        f[c] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(x + 16 * c))), 16));
+        const __m256i raw = _mm256_loadu_si256((const __m256i *)(x + 16 * c));
+        f[c] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
         amax = _mm512_max_ps(amax, _mm512_abs_ps(f[c]));
     }
     s = _mm512_reduce_max_ps(amax) / 127.0f;
     __m512i acc = _mm512_setzero_si512();
     for (int c = 0; c < HD / 16; c++) {
-        const __m512i code = s > 0 ? _mm512_cvtps_epi32(_mm512_div_ps(f[c], _mm512_set1_ps(s))) : _mm512_setzero_si512();
+        const __m512i code =
+            s > 0 ? _mm512_cvtps_epi32(_mm512_div_ps(f[c], _mm512_set1_ps(s))) : _mm512_setzero_si512();
         acc = _mm512_add_epi32(acc, code);
         _mm_storeu_si128((__m128i *)(q8 + 16 * c), _mm512_cvtepi32_epi8(code));
     }
@@ -78,18 +76,7 @@ inline void quantize_query(const bf16 *x, int8_t *q8, float &s, int32_t &sum) {
 
 // s: one row's scores (-inf where masked) -> the softmax times each key's value scale (0 where masked)
 inline void weights_row(float *s, const float *vs, int64_t S16, __m512 mxv) {
-    const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-    const __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(mxv));
-    __m512 sumv = _mm512_setzero_ps();
-    for (int64_t j0 = 0; j0 < S16; j0 += 16) {
-        const __m512 sj = _mm512_loadu_ps(s + j0);
-        const __mmask16 live = _mm512_cmp_ps_mask(sj, ninf, _CMP_NEQ_OQ);
-        const __m512 e = _mm512_maskz_mov_ps(live, vnni::exp16(_mm512_sub_ps(sj, mx)));
-        _mm512_storeu_ps(s + j0, e);
-        sumv = _mm512_add_ps(sumv, e);
-    }
-    const float sum = _mm512_reduce_add_ps(sumv);
-    const __m512 inv = _mm512_set1_ps(sum > 0 ? 1.0f / sum : 0.0f);
+    const __m512 inv = _mm512_set1_ps(fewq::exp_weights(s, S16, mxv));
     for (int64_t j0 = 0; j0 < S16; j0 += 16)
         _mm512_storeu_ps(s + j0, _mm512_mul_ps(_mm512_mul_ps(_mm512_loadu_ps(s + j0), inv), _mm512_loadu_ps(vs + j0)));
 }
@@ -139,7 +126,8 @@ void task(const Call &c, int64_t b, int64_t g, int64_t r0, float *s) {
         const __m512 kscale = _mm512_loadu_ps(ks + s0);
         for (int r = 0; r < NR; r++) {
             const __m512i dot = _mm512_sub_epi32(_mm512_add_epi32(a[r][0], a[r][1]), _mm512_set1_epi32(128 * qsum[r]));
-            const __m512 f = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(sq[r] * c.scale)), kscale);
+            const __m512 f =
+                _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(sq[r] * c.scale)), kscale);
             const __m512 sr = _mm512_mask_mov_ps(ninfv, al[r], f);
             _mm512_storeu_ps(s + r * S16 + s0, sr);
             mx[r] = _mm512_max_ps(mx[r], sr);
@@ -179,16 +167,6 @@ void task(const Call &c, int64_t b, int64_t g, int64_t r0, float *s) {
     }
 }
 
-template <int HD>
-void run_task(const Call &c, int64_t b, int64_t g, int64_t r0, int nr, float *s) {
-    switch (nr) {
-        case 1: task<HD, 1>(c, b, g, r0, s); break;
-        case 2: task<HD, 2>(c, b, g, r0, s); break;
-        case 3: task<HD, 3>(c, b, g, r0, s); break;
-        default: task<HD, 4>(c, b, g, r0, s); break;
-    }
-}
-
 }  // namespace
 
 at::Tensor attend_int8(const at::Tensor &q, const at::Tensor &k, const at::Tensor &k_scale, const at::Tensor &v,
@@ -210,25 +188,17 @@ at::Tensor attend_int8(const at::Tensor &q, const at::Tensor &k, const at::Tenso
                  out.data_ptr<bf16>(), H, T, S, KV, H / KV, q.stride(0), q.stride(1), q.stride(2), k.stride(0),
                  k.stride(1), v.stride(0), v.stride(1), v.stride(2), k_scale.stride(0), k_scale.stride(1),
                  v_scale.stride(0), v_scale.stride(1), mask.stride(0), mask.stride(2), mask.stride(3), (float)scale};
-    const int64_t R = c.rep * T, threads = at::get_num_threads();
-    int64_t nr = std::min<int64_t>(MAX_ROWS, R);
-    while (nr > 1 && B * KV * ((R + nr - 1) / nr) < 2 * threads) nr--;
-    const int64_t per = (R + nr - 1) / nr, S16 = (S + KB - 1) / KB * KB;
-    at::parallel_for(0, B * KV * per, 1, [&](int64_t i0, int64_t i1) {
-        std::vector<float> s(MAX_ROWS * S16);
-        for (int64_t i = i0; i < i1; i++) {
-            const int64_t bg = i / per, r0 = i % per * nr;
-            const int n = (int)std::min(nr, R - r0);
-            if (hd == 64) run_task<64>(c, bg / KV, bg % KV, r0, n, s.data());
-            else if (hd == 128) run_task<128>(c, bg / KV, bg % KV, r0, n, s.data());
-            else run_task<256>(c, bg / KV, bg % KV, r0, n, s.data());
-        }
+    fewq::row_tasks(B, KV, c.rep * T, S, [&](int64_t b, int64_t g, int64_t r0, int n, float *s) {
+        fewq::with_sizes(hd, n, [&](auto HD, auto NR) {
+            task<decltype(HD)::value, decltype(NR)::value>(c, b, g, r0, s);
+        });
     });
     return out;
 }
 
 TORCH_LIBRARY_FRAGMENT(leanlm_native, m) {
-    m.def("attend_int8(Tensor q, Tensor k, Tensor k_scale, Tensor v, Tensor v_scale, Tensor mask, float scale) -> Tensor");
+    m.def("attend_int8(Tensor q, Tensor k, Tensor k_scale, Tensor v, Tensor v_scale, Tensor mask, float scale) "
+          "-> Tensor");
 }
 TORCH_LIBRARY_IMPL(leanlm_native, CPU, m) { m.impl("attend_int8", attend_int8); }
 #endif

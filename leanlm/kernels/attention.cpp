@@ -25,6 +25,7 @@
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
 #include <immintrin.h>
 
+#include "few_queries.h"
 #include "ops.h"
 #include "vnni.h"
 
@@ -83,34 +84,11 @@ struct Rows {
     }
 };
 
-// s[0..S) holds the scores (-inf where masked, S rounded up to 16) and mxv their running maximum: s becomes
-// exp(s - max) (0 where masked); returns 1 / sum.
-inline float softmax_weights(float *s, int64_t S, __m512 mxv) {
-    const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-    const __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(mxv));
-    __m512 sumv = _mm512_setzero_ps();
-    for (int64_t j0 = 0; j0 < S; j0 += 16) {
-        const __m512 sj = _mm512_loadu_ps(s + j0);
-        const __mmask16 live = _mm512_cmp_ps_mask(sj, ninf, _CMP_NEQ_OQ);
-        const __m512 e = _mm512_maskz_mov_ps(live, exp16(_mm512_sub_ps(sj, mx)));
-        _mm512_storeu_ps(s + j0, e);
-        sumv = _mm512_add_ps(sumv, e);
-    }
-    const float sum = _mm512_reduce_add_ps(sumv);
-    return sum > 0 ? 1.0f / sum : 0.0f;
-}
-
 // Scores of keys j0..j0+15 for one task: dot(key row) gives a vector whose lanes sum to q . k; keys the mask
 // forbids (or past S) get -inf.
 template <typename T, typename Dot>
 inline __m512 score16(const Rows<T> &L, const typename Rows<T>::Task &r, int64_t j0, float sc, Dot dot) {
-    __mmask16 allowed = 0;
-    if (L.ms3 == 1 && j0 + 16 <= L.S) {  // 16 mask bytes at once
-        allowed = _mm_cmpneq_epi8_mask(_mm_loadu_si128((const __m128i *)(r.mask + j0)), _mm_setzero_si128());
-    } else {
-        for (int64_t jj = 0; jj < 16; jj++)
-            if (j0 + jj < L.S && r.mask[(j0 + jj) * L.ms3]) allowed |= (__mmask16)(1u << jj);
-    }
+    const __mmask16 allowed = fewq::allowed16(r.mask, L.ms3, L.S, j0);
     const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
     if (allowed == 0) return ninf;
     __m512 d[16];
@@ -147,7 +125,7 @@ void attend_rows(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v, 
                 _mm512_storeu_ps(s.data() + j0, sj);
                 mxv = _mm512_max_ps(mxv, sj);
             }
-            const float inv = softmax_weights(s.data(), S, mxv);
+            const float inv = fewq::exp_weights(s.data(), S, mxv);
             for (int64_t c = 0; c < nv; c++) acc[c] = _mm512_setzero_ps();
             for (int64_t j = 0; j < S; j++) {  // weighted values
                 if (s[j] == 0.0f) continue;
@@ -191,7 +169,7 @@ void attend_bf16(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v, 
                 _mm512_storeu_ps(s.data() + j0, sj);
                 mxv = _mm512_max_ps(mxv, sj);
             }
-            const float inv = softmax_weights(s.data(), S, mxv);
+            const float inv = fewq::exp_weights(s.data(), S, mxv);
             for (int c = 0; c < NV; c++) ae[c] = ao[c] = _mm512_setzero_ps();
             // (masked keys have p = 0: no branch.) With few columns a key's FMAs are short chains: keys
             // alternate between two sets of sums, added at the end, so the chains do not wait on each other

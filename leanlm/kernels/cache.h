@@ -25,7 +25,8 @@ using bf16 = at::BFloat16;
 // round-to-nearest-even in every lane, as torch's)
 inline float quantize_row(const bf16 *row, int64_t hd, int8_t *codes) {
     const auto load16 = [&](int64_t d) {
-        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(row + d))), 16));
+        const __m256i raw = _mm256_loadu_si256((const __m256i *)(row + d));
+        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
     };
     __m512 amax = _mm512_setzero_ps();
     for (int64_t d = 0; d < hd; d += 16) amax = _mm512_max_ps(amax, _mm512_abs_ps(load16(d)));
@@ -56,7 +57,8 @@ struct Layer {
         if (int8) {
             int8_t codes[256];
             t[1].data_ptr<float>()[b * t[1].stride(0) + g * t[1].stride(1) + slot] = quantize_row(row, hd, codes);
-            uint8_t *blk = k.data_ptr<uint8_t>() + b * k.stride(0) + g * k.stride(1) + slot / 16 * 16 * hd + slot % 16 * 4;
+            uint8_t *blk =
+                k.data_ptr<uint8_t>() + b * k.stride(0) + g * k.stride(1) + slot / 16 * 16 * hd + slot % 16 * 4;
             for (int64_t w = 0; w < hd / 4; w++) {  // 4 codes a word, each + 128 (flipping the top bit)
                 uint32_t word;
                 std::memcpy(&word, codes + 4 * w, 4);

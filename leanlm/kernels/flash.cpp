@@ -34,6 +34,7 @@
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
 #include <immintrin.h>
 
+#include "few_queries.h"
 #include "ops.h"
 #include "vnni.h"
 
@@ -60,12 +61,7 @@ struct Call {
 
 // Which of keys s0 .. s0 + 15 query t of sequence b may see, as 16 bits (none past S).
 inline uint16_t row_bits(const Call &c, int64_t b, int64_t t, int64_t s0) {
-    const bool *m = c.mask + b * c.ms0 + t * c.ms2;
-    if (c.ms3 == 1 && s0 + KB <= c.S)
-        return _mm_cmpneq_epi8_mask(_mm_loadu_si128((const __m128i *)(m + s0)), _mm_setzero_si128());
-    uint16_t bits = 0;
-    for (int j = 0; j < KB && s0 + j < c.S; j++) bits |= (uint16_t)((m[(s0 + j) * c.ms3] ? 1u : 0u) << j);
-    return bits;
+    return fewq::allowed16(c.mask + b * c.ms0 + t * c.ms2, c.ms3, c.S, s0);
 }
 
 template <int HD>
@@ -180,10 +176,12 @@ at::Tensor flash_attend(const at::Tensor &q, const at::Tensor &k, const at::Tens
     const int64_t B = q.size(0), H = q.size(1), T = q.size(2), hd = q.size(3), KV = v.size(1), S = v.size(2);
     const bool blocked = k.dim() == 6;  // (B, KV, S16 / 16, hd / 2, 16, 2), else (B, KV, S, hd)
     TORCH_CHECK(q.scalar_type() == at::kBFloat16 && k.scalar_type() == at::kBFloat16 &&
-                v.scalar_type() == at::kBFloat16 && mask.scalar_type() == at::kBool, "flash_attend: bf16 and a bool mask");
+                v.scalar_type() == at::kBFloat16 && mask.scalar_type() == at::kBool,
+                "flash_attend: bf16 and a bool mask");
     TORCH_CHECK((hd == 64 || hd == 96 || hd == 128 || hd == 256) && q.stride(3) == 1 && v.stride(3) == 1 &&
                 v.size(0) == B && v.size(3) == hd && H % KV == 0 && mask.size(0) == B && mask.size(2) == T &&
-                mask.size(3) == S && (blocked ? blocked_keys_ok(k, B, KV, S, hd) : k.sizes() == v.sizes() && k.stride(3) == 1),
+                mask.size(3) == S &&
+                    (blocked ? blocked_keys_ok(k, B, KV, S, hd) : k.sizes() == v.sizes() && k.stride(3) == 1),
                 "flash_attend: bad shapes");
     const int64_t S2 = (S + KB - 1) / KB * KB;
     const at::Tensor vp = pack_values(v, S2);
