@@ -8,9 +8,10 @@
  *
  * Per task, with fp32 arithmetic throughout: s_j = scale * q . k_j for the keys the mask allows (others
  * -inf), p = softmax(s), o = sum_j p_j v_j. Scores are taken 16 keys at a time (16 partial dot products,
- * then one transpose-and-add tree gives their 16 sums in one register), exp is vectorised (exp16). Query head h reads key/value head h / (H / KV) (grouped-query
- * attention). q (B, H, T, hd), k and v (B, KV, S, hd) with rows contiguous along hd (cache views), mask
- * (B, 1, T, S) bool; hd a multiple of 16.
+ * then one transpose-and-add tree gives their 16 sums in one register), exp is vectorised (exp16). Query head
+ * h reads key/value head h / (H / KV) (grouped-query attention). q (B, H, T, hd), k and v (B, KV, S, hd) with
+ * rows contiguous along hd (cache views), mask (B, 1, T, S) bool; hd a multiple of 16. Keys in the cache's
+ * blocked layout (k 6-D) go to attend_blocked.cpp, which needs no tree.
  */
 #include <torch/library.h>
 #include <ATen/Parallel.h>
@@ -30,8 +31,6 @@
 #include "vnni.h"
 
 namespace {
-
-using vnni::exp16;
 
 inline __m512 load16(const float *p) { return _mm512_loadu_ps(p); }
 inline __m512 load16(const at::BFloat16 *p) {  // bf16 -> fp32: the high half of each float
