@@ -106,6 +106,43 @@ class KVBuffer:
         return [self.k, self.v]
 
 
+class LatentBuffer:
+    """One multi-head latent attention layer's cache (mla.py): per slot the normalised latent c (B, S, kv_rank)
+    and the rotated key part shared by all heads (B, S, rope_dim). DeepSeek-V2 keeps 512 + 64 numbers a token
+    here, where 128 heads of keys and values would take 128 * (192 + 128) = 40960."""
+
+    quantized = blocked = False
+
+    def __init__(self, batch: int, size: int, kv_rank: int, rope_dim: int, window: int | None,
+                 dtype: torch.dtype, pos: torch.Tensor, device: torch.device | str | None = None) -> None:
+        self.window, self.pos = window, pos
+        self.c = torch.zeros(batch, size, kv_rank, dtype=dtype, device=device)
+        self.k_rope = torch.zeros(batch, size, rope_dim, dtype=dtype, device=device)
+
+    @property
+    def size(self) -> int:
+        return self.c.shape[1]
+
+    def write(self, slots: torch.Tensor, c: torch.Tensor, k_rope: torch.Tensor) -> None:
+        """Store c (B, T, kv_rank) and k_rope (B, T, rope_dim) at slots (B, T): row b * S + slot of each."""
+        B = c.shape[0]
+        rows = (torch.arange(B, device=c.device).view(B, 1) * self.size + slots).flatten()
+        self.c.view(-1, c.shape[-1]).index_copy_(0, rows, c.reshape(-1, c.shape[-1]))
+        self.k_rope.view(-1, k_rope.shape[-1]).index_copy_(0, rows, k_rope.reshape(-1, k_rope.shape[-1]))
+
+    def view(self, kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        n = min(kv_len, self.size)
+        return self.c[:, :n], self.k_rope[:, :n]
+
+    def rows(self, lo: int, hi: int, pos: torch.Tensor) -> LatentBuffer:
+        view = LatentBuffer.__new__(LatentBuffer)
+        view.window, view.pos, view.c, view.k_rope = self.window, pos, self.c[lo:hi], self.k_rope[lo:hi]
+        return view
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.c, self.k_rope]
+
+
 def key_rows(k: torch.Tensor, n: int) -> torch.Tensor:
     """Keys as (B, n_kv, n, hd) rows: `k` itself, or a copy of blocked keys (B, n_kv, S / 16, hd / 2, 16, 2)."""
     if k.dim() == 4:
@@ -117,14 +154,14 @@ def key_rows(k: torch.Tensor, n: int) -> torch.Tensor:
 def int8_kv_supported(cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str | None) -> bool:
     """Can this model keep an int8 K/V cache (kv_int8.py) here? Decode steps attend on the codes
     (kernels/attend_int8.cpp), prompts on dequantized rows."""
-    return (torch.device(device or "cpu").type == "cpu" and dtype == torch.bfloat16 and
+    return (torch.device(device or "cpu").type == "cpu" and dtype == torch.bfloat16 and cfg.mla is None and
             cfg.head_dim in (64, 128, 256) and cfg.attn_softcap is None and native.int8_attention())
 
 
 def blocked_keys(cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str | None) -> bool:
     """Keep keys blocked? Where our CPU kernels do every attention (bf16, head dim 64, 128 or 256, no
     softcap: kernels/attend_blocked.cpp for decode steps, flash.cpp for prompts). LEANLM_BLOCKED_KEYS=0: no."""
-    return (torch.device(device or "cpu").type == "cpu" and dtype == torch.bfloat16 and
+    return (torch.device(device or "cpu").type == "cpu" and dtype == torch.bfloat16 and cfg.mla is None and
             cfg.head_dim in (64, 128, 256) and cfg.attn_softcap is None and
             os.environ.get("LEANLM_BLOCKED_KEYS", "1") != "0" and native.attention() and native.flash_attention())
 
@@ -151,7 +188,7 @@ class ModelCache:
     def __init__(self, cfg: ModelConfig, batch: int, max_len: int, chunk: int,
                  dtype: torch.dtype, device: torch.device | str | None = None, kv: str = "auto") -> None:
         self.max_len, self.chunk = max_len, chunk
-        self.layers: list[KVBuffer | Int8KVBuffer] = []
+        self.layers: list[KVBuffer | Int8KVBuffer | LatentBuffer] = []
         # one slot table per window kind (None = full attention), each (B, size): position in each slot, -1 empty
         self.slot_pos: dict[int | None, torch.Tensor] = {}
         if kv not in ("auto", "int8"):
@@ -167,6 +204,10 @@ class ModelCache:
                     size = -(-size // BLOCK) * BLOCK
                 self.slot_pos[w] = torch.full((batch, size), -1, dtype=torch.long, device=device)
             pos = self.slot_pos[w]
+            if cfg.mla is not None:
+                m = cfg.mla
+                self.layers.append(LatentBuffer(batch, pos.shape[1], m.kv_rank, m.rope_dim, w, dtype, pos, device))
+                continue
             args = (batch, cfg.n_kv_heads, pos.shape[1], cfg.head_dim, w, dtype, pos, device)
             self.layers.append(Int8KVBuffer(*args) if kv == "int8" else KVBuffer(*args, blocked=blocked))
         self.kv_len = 0

@@ -34,7 +34,7 @@ from .model import Transformer
 # one step: (model, cache, tokens (B, 1), positions (B, 1), kv_len) -> next-token logits (B, V) fp32
 DecodeStep = Callable[[Transformer, ModelCache, torch.Tensor, torch.Tensor, int], torch.Tensor]
 MODES = ("auto", "on", "off")  # auto: use a saved step if there is one; on: compile when missing
-_SOURCES = ("model.py", "cache.py", "moe.py", "compiled.py", "native.py", "quant/int4.py", "quant/int8.py")
+_SOURCES = ("model.py", "mla.py", "cache.py", "moe.py", "compiled.py", "native.py", "quant/int4.py", "quant/int8.py")
 
 
 def decode_step(model: Transformer, cache: ModelCache, tokens: torch.Tensor, positions: torch.Tensor,

@@ -14,10 +14,46 @@ Activation = Literal["silu", "gelu_tanh"]
 
 @dataclass(frozen=True)
 class MoeConfig:
-    """Sparse mixture of experts (Mixtral): each token goes to the top `n_used` of `n_experts`."""
+    """Sparse mixture of experts. Mixtral: each token goes to the top `n_used` of `n_experts` by router logit,
+    weighted by a softmax over those logits. DeepSeek-V2 (`score_first`): a softmax over all experts first, then
+    the top `n_used` scores (within the best `topk_group` of `n_group` expert groups) times `routed_scale`,
+    plus `n_shared` experts that every token goes through."""
 
     n_experts: int
     n_used: int
+    hidden_dim: int | None = None  # each expert's MLP width (None: the model's hidden_dim)
+    score_first: bool = False
+    routed_scale: float = 1.0
+    n_group: int = 1
+    topk_group: int = 1
+    n_shared: int = 0  # shared experts, run as one gated MLP n_shared * hidden_dim wide
+    first_dense: int = 0  # the first layers keep a dense MLP (DeepSeek's first_k_dense_replace)
+
+
+@dataclass(frozen=True)
+class MlaConfig:
+    """Multi-head latent attention (DeepSeek-V2): the cache keeps, per token, a `kv_rank`-wide latent c and one
+    `rope_dim`-wide rotary key shared by all heads. Head h's key is (W_uk[h] c, k_rope), its value W_uv[h] c."""
+
+    kv_rank: int
+    q_rank: int | None  # None: queries straight from x; else through a normalised q_rank-wide latent
+    nope_dim: int  # per-head query/key dims without the rotary embedding
+    rope_dim: int
+    v_dim: int
+
+
+@dataclass(frozen=True)
+class YarnConfig:
+    """YaRN rotary scaling (context extension, model.rope_frequencies): each rotary frequency is divided by
+    `factor`, kept, or blended between the two by how often it turns within the original context; cos and sin
+    are multiplied by `attention_factor`."""
+
+    factor: float
+    original_context: int
+    beta_fast: float = 32.0  # frequencies turning more often than this over the original context: kept
+    beta_slow: float = 1.0  # less often than this: divided by factor
+    attention_factor: float = 1.0
+    truncate: bool = True  # round the blend's bounds outwards to whole dims
 
 
 @dataclass(frozen=True)
@@ -38,6 +74,7 @@ class ModelConfig:
     rope_interleaved: bool = False  # True: rotate adjacent pairs (GGUF llama); False: halves (NeoX / HF)
     rope_dim: int | None = None  # rotary dims per head (partial rotary); None = head_dim
     rope_scale: float = 1.0  # linear position scaling for global layers (positions / rope_scale)
+    yarn: YarnConfig | None = None  # YaRN scaling of the global layers' rotary embedding
     # attention
     layer_windows: tuple[int | None, ...] = ()  # per layer: sliding window W, or None for full attention
     attn_scale: float | None = None  # None = 1/sqrt(head_dim)
@@ -47,6 +84,7 @@ class ModelConfig:
     # MLP and blocks
     act: Activation = "silu"
     moe: MoeConfig | None = None  # None: dense gated MLP in every layer
+    mla: MlaConfig | None = None  # multi-head latent attention (mla.py) instead of per-head K/V
     post_norms: bool = False  # Gemma-style extra norms after attention and MLP ("sandwich")
     norm_add_one: bool = False  # RMSNorm multiplies by (1 + w) (HF Gemma); GGUF stores w + 1 already
     # embeddings and head

@@ -55,6 +55,8 @@ def write_metadata(w: GGUFWriter, cfg: ModelConfig, arch: str) -> None:
     if cfg.moe is not None:
         w.add_expert_count(cfg.moe.n_experts)
         w.add_expert_used_count(cfg.moe.n_used)
+    if cfg.yarn is not None:
+        raise UnsupportedError("YaRN rope scaling cannot be written to GGUF yet")
     if cfg.rope_scale != 1.0:
         w.add_string(f"{arch}.rope.scaling.type", "linear")
         w.add_float32(f"{arch}.rope.scaling.factor", cfg.rope_scale)

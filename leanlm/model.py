@@ -5,13 +5,15 @@ Shapes: B batch, T new tokens, S cached slots, H query heads, KV key/value heads
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from . import native
 from .cache import KVBuffer, ModelCache, attention_mask, key_rows
-from .config import ModelConfig
+from .config import ModelConfig, YarnConfig
 from .moe import MoE
 
 FEW_QUERIES = 16  # up to this many query tokens per sequence, attention runs as fp32 reductions (see below)
@@ -30,12 +32,40 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x.float(), w.shape, w, self.eps).to(x.dtype)  # normalise in fp32
 
 
+def rope_frequencies(rot_dim: int, base: float, yarn: YarnConfig | None = None) -> torch.Tensor:
+    """Inverse frequencies (rot_dim // 2,) fp32: base^(-2i / rot_dim), or YaRN's blend of them.
+
+    YaRN: pair i turns L / wavelength_i times over the original context L. Pairs turning more than beta_fast
+    times keep their frequency, pairs turning fewer than beta_slow times are divided by `factor`, and a linear
+    ramp over the dims in between blends the two. The dim of a given turn count r is
+    rot_dim * log(L / (2 pi r)) / (2 log base); e.g. rot_dim 64, base 10000, L 4096, beta 32 and 1: dims 10.5
+    and 22.5, rounded out to 10 and 23.
+    """
+    inv_freq = 1.0 / base ** (torch.arange(0, rot_dim, 2).float() / rot_dim)
+    if yarn is None:
+        return inv_freq
+
+    def dim_of(turns: float) -> float:
+        return rot_dim * math.log(yarn.original_context / (turns * 2 * math.pi)) / (2 * math.log(base))
+
+    lo, hi = dim_of(yarn.beta_fast), dim_of(yarn.beta_slow)
+    if yarn.truncate:
+        lo, hi = math.floor(lo), math.ceil(hi)
+    lo, hi = max(lo, 0), min(hi, rot_dim - 1)
+    ramp = ((torch.arange(rot_dim // 2).float() - lo) / (hi - lo if hi != lo else 0.001)).clamp(0, 1)  # 1: scaled
+    return inv_freq / yarn.factor * ramp + inv_freq * (1 - ramp)
+
+
 def rope_tables(positions: torch.Tensor, rot_dim: int, base: float, scale: float = 1.0,
-                dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+                dtype: torch.dtype = torch.float32,
+                yarn: YarnConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin of shape (B, T, 1, rot_dim // 2) for positions (B, T)."""
-    inv_freq = 1.0 / base ** (torch.arange(0, rot_dim, 2, device=positions.device).float() / rot_dim)
+    inv_freq = rope_frequencies(rot_dim, base, yarn).to(positions.device)
     angles = (positions.float() / scale)[..., None] * inv_freq  # (B, T, rot_dim/2)
-    return angles.cos().to(dtype)[:, :, None], angles.sin().to(dtype)[:, :, None]
+    cos, sin = angles.cos(), angles.sin()
+    if yarn is not None:
+        cos, sin = cos * yarn.attention_factor, sin * yarn.attention_factor
+    return cos.to(dtype)[:, :, None], sin.to(dtype)[:, :, None]
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
@@ -156,11 +186,12 @@ def _native_rows() -> bool:
 class FeedForward(nn.Module):
     """Gated MLP: w2(act(w1 x) * w3 x)  (w1 = gate, w3 = up, w2 = down)."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, hidden_dim: int | None = None) -> None:
         super().__init__()
-        self.w1 = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
-        self.w3 = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
-        self.w2 = nn.Linear(cfg.hidden_dim, cfg.dim, bias=False)
+        hidden = hidden_dim or cfg.hidden_dim
+        self.w1 = nn.Linear(cfg.dim, hidden, bias=False)
+        self.w3 = nn.Linear(cfg.dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, cfg.dim, bias=False)
         self.act = cfg.act
         self.w13: nn.Module | None = None  # gate and up fused into one matmul (quant/fuse.py), else None
 
@@ -180,9 +211,19 @@ class Block(nn.Module):
         super().__init__()
         self.window = cfg.layer_windows[layer]
         self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps, cfg.norm_add_one)
-        self.attn = Attention(cfg)
+        if cfg.mla is not None:
+            from .mla import MLAttention  # (mla.py builds on this file's norms and rotary embedding)
+
+            self.attn: nn.Module = MLAttention(cfg)
+        else:
+            self.attn = Attention(cfg)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps, cfg.norm_add_one)
-        self.ffn = MoE(cfg) if cfg.moe is not None else FeedForward(cfg)
+        moe = cfg.moe
+        if moe is not None and layer >= moe.first_dense:
+            shared = FeedForward(cfg, moe.n_shared * (moe.hidden_dim or cfg.hidden_dim)) if moe.n_shared else None
+            self.ffn: nn.Module = MoE(cfg, shared)
+        else:
+            self.ffn = FeedForward(cfg)
         self.post_norms = cfg.post_norms
         if cfg.post_norms:
             self.post_attn_norm = RMSNorm(cfg.dim, cfg.norm_eps, cfg.norm_add_one)
@@ -239,7 +280,7 @@ class Transformer(nn.Module):
             if local not in ropes:
                 base = cfg.rope_local_base if local else cfg.rope_base
                 scale = 1.0 if local else cfg.rope_scale
-                ropes[local] = rope_tables(positions, rd, base, scale, x.dtype)
+                ropes[local] = rope_tables(positions, rd, base, scale, x.dtype, None if local else cfg.yarn)
             if cache is not None:
                 slots, mask = prepared[i]
                 x = layer(x, ropes[local], mask, cache.layers[i], slots, kv_len)

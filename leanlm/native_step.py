@@ -54,7 +54,8 @@ def decoder_args(model: Transformer) -> tuple[list[torch.Tensor], list[int], lis
     """
     cfg = model.cfg
     emb, head = model.tok_embeddings, model.output
-    if (model.dtype != torch.bfloat16 or model.device.type != "cpu" or cfg.moe is not None or cfg.attn_softcap
+    if (model.dtype != torch.bfloat16 or model.device.type != "cpu" or cfg.moe is not None or cfg.mla is not None
+            or cfg.yarn is not None or cfg.attn_softcap
             or cfg.attn_bias or cfg.head_dim % 16 or not isinstance(head, Int8Linear) or not head.tiled):
         return None
     if isinstance(emb, Int8Embedding):

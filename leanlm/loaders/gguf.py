@@ -84,8 +84,11 @@ def config_from_gguf(f: GGUFFile) -> ModelConfig:
         attn_bias="blk.0.attn_q.bias" in f.tensors,
         moe=MoeConfig(n_experts, int(get("expert_used_count"))) if n_experts else None,
     )
-    if get("rope.scaling.type", "none") == "linear":
+    scaling = get("rope.scaling.type", "none")
+    if scaling == "linear":
         common["rope_scale"] = float(get("rope.scaling.factor", 1.0))
+    elif scaling != "none":
+        raise UnsupportedError(f"rope scaling '{scaling}' in GGUF files is not supported yet")
     if arch != "gemma3":
         window = get("attention.sliding_window")
         windows = (int(window) if window else None,) * n_layers

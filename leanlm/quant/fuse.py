@@ -8,7 +8,7 @@ removed, so the weights are held once.
 
 from __future__ import annotations
 
-from ..model import FeedForward, Transformer
+from ..model import Attention, FeedForward, Transformer
 from .int4 import Int4Linear
 
 
@@ -17,8 +17,8 @@ def fuse_projections(model: Transformer) -> int:
     n = 0
     for layer in model.layers:
         a = layer.attn
-        mods = [a.wq, a.wk, a.wv]
-        if all(isinstance(m, Int4Linear) for m in mods) and (fused := Int4Linear.cat(mods)) is not None:
+        mods = [a.wq, a.wk, a.wv] if isinstance(a, Attention) else []  # (latent attention has no k, v)
+        if mods and all(isinstance(m, Int4Linear) for m in mods) and (fused := Int4Linear.cat(mods)) is not None:
             a.wqkv = fused
             del a.wq, a.wk, a.wv
             n += 1
