@@ -32,7 +32,8 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x.float(), w.shape, w, self.eps).to(x.dtype)  # normalise in fp32
 
 
-def rope_frequencies(rot_dim: int, base: float, yarn: YarnConfig | None = None) -> torch.Tensor:
+def rope_frequencies(rot_dim: int, base: float, yarn: YarnConfig | None = None,
+                     device: torch.device | str | None = None) -> torch.Tensor:
     """Inverse frequencies (rot_dim // 2,) fp32: base^(-2i / rot_dim), or YaRN's blend of them.
 
     YaRN: pair i turns L / wavelength_i times over the original context L. Pairs turning more than beta_fast
@@ -41,7 +42,7 @@ def rope_frequencies(rot_dim: int, base: float, yarn: YarnConfig | None = None) 
     rot_dim * log(L / (2 pi r)) / (2 log base); e.g. rot_dim 64, base 10000, L 4096, beta 32 and 1: dims 10.5
     and 22.5, rounded out to 10 and 23.
     """
-    inv_freq = 1.0 / base ** (torch.arange(0, rot_dim, 2).float() / rot_dim)
+    inv_freq = 1.0 / base ** (torch.arange(0, rot_dim, 2, device=device).float() / rot_dim)
     if yarn is None:
         return inv_freq
 
@@ -52,7 +53,8 @@ def rope_frequencies(rot_dim: int, base: float, yarn: YarnConfig | None = None) 
     if yarn.truncate:
         lo, hi = math.floor(lo), math.ceil(hi)
     lo, hi = max(lo, 0), min(hi, rot_dim - 1)
-    ramp = ((torch.arange(rot_dim // 2).float() - lo) / (hi - lo if hi != lo else 0.001)).clamp(0, 1)  # 1: scaled
+    i = torch.arange(rot_dim // 2, device=device).float()
+    ramp = ((i - lo) / (hi - lo if hi != lo else 0.001)).clamp(0, 1)  # 0: frequency kept, 1: divided by factor
     return inv_freq / yarn.factor * ramp + inv_freq * (1 - ramp)
 
 
@@ -60,7 +62,7 @@ def rope_tables(positions: torch.Tensor, rot_dim: int, base: float, scale: float
                 dtype: torch.dtype = torch.float32,
                 yarn: YarnConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin of shape (B, T, 1, rot_dim // 2) for positions (B, T)."""
-    inv_freq = rope_frequencies(rot_dim, base, yarn).to(positions.device)
+    inv_freq = rope_frequencies(rot_dim, base, yarn, positions.device)
     angles = (positions.float() / scale)[..., None] * inv_freq  # (B, T, rot_dim/2)
     cos, sin = angles.cos(), angles.sin()
     if yarn is not None:

@@ -24,7 +24,7 @@ import torch
 from . import native
 from .cache import ModelCache
 from .compiled import DecodeStep
-from .model import FeedForward, RMSNorm, Transformer
+from .model import FeedForward, RMSNorm, Transformer, rope_frequencies
 from .quant.int4 import Int4Linear
 from .quant.int8 import Int8Embedding, Int8Linear
 
@@ -65,8 +65,7 @@ def decoder_args(model: Transformer) -> tuple[list[torch.Tensor], list[int], lis
     else:
         return None
     rd = cfg.rope_dim or cfg.head_dim
-    steps = torch.arange(0, rd, 2).float() / rd  # model.py's rope_tables, the same fp32 arithmetic
-    freqs = [1.0 / base ** steps for base in (cfg.rope_base, cfg.rope_local_base or cfg.rope_base)]
+    freqs = [rope_frequencies(rd, base) for base in (cfg.rope_base, cfg.rope_local_base or cfg.rope_base)]
     tables = list(dict.fromkeys(cfg.layer_windows))  # ModelCache.slot_pos's order: windows as first met
     ints = [cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, rd, cfg.hidden_dim, int(cfg.act != "silu"),
             int(cfg.rope_interleaved), int(cfg.qk_norm), int(cfg.post_norms), cfg.n_layers]
