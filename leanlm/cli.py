@@ -179,6 +179,21 @@ def cmd_quantize(a: argparse.Namespace) -> None:
     print(r.summary())
 
 
+def cmd_distill(a: argparse.Namespace) -> None:
+    from .distill import distill_checkpoint, plot_losses
+
+    try:
+        layers = [int(x) for x in a.layers.split(",")] if a.layers else None
+    except ValueError:
+        raise LeanLMError(f"--layers wants comma-separated block indices such as 0,2,4, not '{a.layers}'") from None
+    r = distill_checkpoint(a.teacher, a.data, a.out, keep=a.keep, layers=layers, steps=a.steps, lr=a.lr,
+                           temperature=a.temperature, seq_len=a.seq_len, batch=a.batch,
+                           eval_fraction=a.eval_fraction, ftype=a.type)
+    if a.plot:
+        plot_losses(r, a.plot)
+    print(r.summary())
+
+
 def cmd_bench(a: argparse.Namespace) -> None:
     from .bench import bench_main
 
@@ -238,6 +253,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--calibration", default=None, help="UTF-8 text file for gptq/awq")
     s.add_argument("--calib-tokens", type=int, default=8192, help="calibration tokens to use (default 8192)")
     s.set_defaults(fn=cmd_quantize)
+    s = sub.add_parser("distill", help="train a smaller student (some of the teacher's blocks) to match the teacher")
+    s.add_argument("teacher", help="registry name, .gguf file or checkpoint folder")
+    s.add_argument("--data", required=True, help="UTF-8 text file to train on (its last part is held out)")
+    s.add_argument("--out", required=True, help="student .gguf path")
+    s.add_argument("--keep", type=int, default=None, help="blocks the student keeps, spread evenly (default half)")
+    s.add_argument("--layers", default=None, help="or exactly these teacher blocks, e.g. 0,2,4,29")
+    s.add_argument("--steps", type=int, default=200)
+    s.add_argument("--lr", type=float, default=1e-4)
+    s.add_argument("--temperature", type=float, default=2.0, help="softening of both distributions (default 2)")
+    s.add_argument("--seq-len", type=int, default=256, help="tokens per training window (default 256)")
+    s.add_argument("--batch", type=int, default=1, help="windows per step (default 1)")
+    s.add_argument("--eval-fraction", type=float, default=0.1, help="held-out share of the text (default 0.1)")
+    s.add_argument("--type", default="f16", choices=["f16", "f32"], help="student weights' type (default f16)")
+    s.add_argument("--plot", default=None, metavar="FILE.png", help="plot the training loss")
+    s.set_defaults(fn=cmd_distill)
     s = sub.add_parser("bench", help="prefill/decode speed, time to first token, memory, bandwidth (vs llama.cpp)")
     _add_model(s, optional=True)
     s.add_argument("--prompt-tokens", type=int, default=256, help="synthetic prompt length (default 256)")

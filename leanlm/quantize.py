@@ -92,12 +92,13 @@ def _pack(w: torch.Tensor, t: GGMLQuantizationType, H: torch.Tensor | None) -> n
     return fmt.pack(codes, fit).reshape(*w.shape[:-1], -1)
 
 
-def _copy_metadata(src: Path, w: GGUFWriter) -> None:
+def _copy_metadata(src: Path, w: GGUFWriter, only: str | None = None) -> None:
+    """Copy GGUF file `src`'s metadata into `w` (only the keys starting with `only`, if given)."""
     from .gguf_file import GGUFFile
 
     f = GGUFFile(src)
     for key, val in f.metadata.items():
-        if key in _SKIP_META:
+        if key in _SKIP_META or (only is not None and not key.startswith(only)):
             continue
         vtype, item = f.value_types[key]
         w.add_key_value(key, val, GGUFValueType(vtype), GGUFValueType(item) if item is not None else None)
