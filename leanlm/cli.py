@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -111,8 +112,20 @@ def cmd_list(a: argparse.Namespace) -> None:
 
 
 def cmd_run(a: argparse.Namespace) -> None:
+    rank = 0
+    if a.tensor_parallel:  # one process per rank (torchrun): each holds 1/W of every block (tp.py)
+        from .tp import init_from_env, shared_seed
+
+        rank, world = init_from_env()
+        a.seed = shared_seed(a.seed)  # the same draws on every rank
+        if rank != 0:
+            sys.stdout = sys.stderr = open(os.devnull, "w")  # noqa: SIM115 (rank 0 speaks for all)
     params, schema = _params(a), _json_schema(a)
     llm = _load(a)
+    if a.tensor_parallel:
+        from .tp import shard
+
+        shard(llm.model, rank, world)
     _speculate(llm, a)
     llm.constraint(schema)  # an unenforceable schema fails here, before any output
     pieces = llm.generate(a.prompt, params, json_schema=schema) if a.raw else \
@@ -221,6 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(s, optional=True)
     s.add_argument("prompt", nargs="?", default="Write a haiku about a small fast language model.")
     s.add_argument("--raw", action="store_true", help="no chat template: complete the prompt as text")
+    s.add_argument("--tensor-parallel", action="store_true",
+                   help="split every block over the processes torchrun started (dense --dtype float32 or bfloat16)")
     _add_sampling(s)
     _add_speculation(s)
     s.set_defaults(fn=cmd_run)
