@@ -186,17 +186,21 @@ class ModelCache:
     """
 
     def __init__(self, cfg: ModelConfig, batch: int, max_len: int, chunk: int,
-                 dtype: torch.dtype, device: torch.device | str | None = None, kv: str = "auto") -> None:
+                 dtype: torch.dtype, device: torch.device | str | None = None, kv: str = "auto",
+                 layout_device: torch.device | str | None = None) -> None:
+        """layout_device: lay the buffers out as on this device while allocating on `device` (the memory
+        planner builds a CPU or CUDA model's cache on the meta device, which allocates nothing)."""
         self.max_len, self.chunk = max_len, chunk
+        layout = layout_device if layout_device is not None else device
         self.layers: list[KVBuffer | Int8KVBuffer | LatentBuffer] = []
         # one slot table per window kind (None = full attention), each (B, size): position in each slot, -1 empty
         self.slot_pos: dict[int | None, torch.Tensor] = {}
         if kv not in ("auto", "int8"):
             raise LeanLMError(f"unknown K/V cache type {kv!r}: auto or int8")
-        if kv == "int8" and not int8_kv_supported(cfg, dtype, device):
+        if kv == "int8" and not int8_kv_supported(cfg, dtype, layout):
             raise LeanLMError("an int8 K/V cache needs a CPU with AVX-512 VNNI and BF16, bfloat16 compute, head dim "
                               "64, 128 or 256 and no attention softcap")
-        blocked = kv == "int8" or blocked_keys(cfg, dtype, device)
+        blocked = kv == "int8" or blocked_keys(cfg, dtype, layout)
         for w in cfg.layer_windows:
             if w not in self.slot_pos:
                 size = max_len if w is None else min(max_len, w + chunk)

@@ -207,6 +207,17 @@ def cmd_distill(a: argparse.Namespace) -> None:
     print(r.summary())
 
 
+def cmd_plan(a: argparse.Namespace) -> None:
+    from .memory import parse_size, plan
+
+    if (a.batch is None) == (a.memory is None):
+        raise LeanLMError("give either --batch or --memory")
+    llm = _load(a)
+    p = plan(llm.model, a.ctx, batch=a.batch, memory=parse_size(a.memory) if a.memory else None,
+             chunk=a.prefill_chunk)
+    print(json.dumps({**p.__dict__, "kv": p.kv, "total": p.total}) if a.json else p.summary())
+
+
 def cmd_bench(a: argparse.Namespace) -> None:
     from .bench import bench_main
 
@@ -218,6 +229,12 @@ def cmd_serve(a: argparse.Namespace) -> None:
 
     llm = _load(a)
     _speculate(llm, a)
+    if a.memory is not None:  # as many sequences of --ctx positions as the budget holds
+        from .memory import parse_size, plan
+
+        p = plan(llm.model, a.ctx, memory=parse_size(a.memory), chunk=min(256, a.prefill_chunk))
+        print(f"leanlm: {p.summary()}", file=sys.stderr)
+        a.max_batch = p.batch
     serve(llm, a.model, host=a.host, port=a.port, api_key=a.api_key, max_batch=a.max_batch, ctx=a.ctx,
           speculate_max_batch=a.speculate_max_batch or None)
 
@@ -283,6 +300,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--type", default="f16", choices=["f16", "f32"], help="student weights' type (default f16)")
     s.add_argument("--plot", default=None, metavar="FILE.png", help="plot the training loss")
     s.set_defaults(fn=cmd_distill)
+    s = sub.add_parser("plan", help="memory for B sequences of C positions, or the most sequences a budget holds")
+    _add_model(s, optional=True)
+    s.add_argument("--ctx", type=int, default=2048, help="positions per sequence (default 2048)")
+    s.add_argument("--batch", type=int, default=None, help="sequences decoded together")
+    s.add_argument("--memory", default=None, help="or a budget such as 4GiB: the most sequences that fit")
+    s.add_argument("--json", action="store_true", help="print one JSON object")
+    s.set_defaults(fn=cmd_plan)
     s = sub.add_parser("bench", help="prefill/decode speed, time to first token, memory, bandwidth (vs llama.cpp)")
     _add_model(s, optional=True)
     s.add_argument("--prompt-tokens", type=int, default=256, help="synthetic prompt length (default 256)")
@@ -303,6 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on API routes")
     s.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (default 8)")
     s.add_argument("--ctx", type=int, default=2048, help="context per sequence in tokens (default 2048)")
+    s.add_argument("--memory", default=None, metavar="SIZE",
+                   help="set --max-batch to the most sequences of --ctx positions a budget such as 2GiB holds")
     _add_speculation(s)
     s.add_argument("--speculate-max-batch", type=int, default=2, metavar="N",
                    help="draft only while at most N sequences decode (default 2; 0 = always)")
