@@ -7,13 +7,14 @@ that use the halves layout (from HF checkpoints) are permuted on the way out.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType, GGUFWriter
+from gguf import GGMLQuantizationType, GGUFWriter, RopeScalingType
 
 from .config import ModelConfig
 from .errors import UnsupportedError
@@ -21,7 +22,7 @@ from .loaders.gguf import ARCH_NAMES, GGUF_NAMES
 from .model import Transformer
 
 GGUF_ARCH = {"llama": "llama", "mistral": "llama", "mixtral": "llama", "qwen2": "qwen2", "phi3": "phi3",
-             "gemma3": "gemma3"}
+             "gemma3": "gemma3", "deepseek2": "deepseek2"}
 TYPES = {"f32": (GGMLQuantizationType.F32, np.float32), "f16": (GGMLQuantizationType.F16, np.float16)}
 
 
@@ -44,7 +45,9 @@ def write_metadata(w: GGUFWriter, cfg: ModelConfig, arch: str) -> None:
     w.add_rope_freq_base(cfg.rope_base)
     w.add_rope_dimension_count(cfg.rope_dim or cfg.head_dim)
     w.add_vocab_size(cfg.vocab_size)
-    if cfg.head_dim != cfg.dim // cfg.n_heads:
+    if cfg.mla is not None:
+        _mla_metadata(w, cfg)
+    elif cfg.head_dim != cfg.dim // cfg.n_heads:
         w.add_key_length(cfg.head_dim)
         w.add_value_length(cfg.head_dim)
     windows = set(cfg.layer_windows)
@@ -55,17 +58,50 @@ def write_metadata(w: GGUFWriter, cfg: ModelConfig, arch: str) -> None:
     if cfg.moe is not None:
         w.add_expert_count(cfg.moe.n_experts)
         w.add_expert_used_count(cfg.moe.n_used)
-    if cfg.yarn is not None:
-        raise UnsupportedError("YaRN rope scaling cannot be written to GGUF yet")
+    if cfg.yarn is not None and cfg.mla is None:
+        raise UnsupportedError("YaRN rope scaling cannot be written to GGUF yet (only DeepSeek-V2's)")
     if cfg.rope_scale != 1.0:
         w.add_string(f"{arch}.rope.scaling.type", "linear")
         w.add_float32(f"{arch}.rope.scaling.factor", cfg.rope_scale)
 
 
+def _mla_metadata(w: GGUFWriter, cfg: ModelConfig) -> None:
+    """DeepSeek-V2's keys as llama.cpp reads them (loaders/gguf.py `_deepseek2_config` is the inverse)."""
+    m, moe = cfg.mla, cfg.moe
+    assert m is not None
+    w.add_kv_lora_rank(m.kv_rank)
+    w.add_q_lora_rank(m.q_rank or 0)  # 0: queries straight from x (llama.cpp requires the key)
+    w.add_key_length(m.nope_dim + m.rope_dim)
+    w.add_value_length(m.v_dim)
+    if moe is not None:
+        if not moe.score_first:
+            raise UnsupportedError("DeepSeek-V2 GGUF files route experts by softmax scores first")
+        w.add_expert_feed_forward_length(moe.hidden_dim or cfg.hidden_dim)
+        w.add_expert_shared_count(moe.n_shared)
+        w.add_leading_dense_block_count(moe.first_dense)
+        w.add_expert_weights_scale(moe.routed_scale)
+        w.add_expert_group_count(moe.n_group)
+        w.add_expert_group_used_count(moe.topk_group)
+    if cfg.yarn is not None:  # llama.cpp keeps cos/sin unscaled and puts mscale^2 into the softmax scale
+        y, qk = cfg.yarn, m.nope_dim + m.rope_dim
+        if abs(y.attention_factor - 1.0) > 1e-6:
+            raise UnsupportedError("GGUF's DeepSeek YaRN has no separate cos/sin factor (mscale != mscale_all_dim)")
+        mscale = math.sqrt((cfg.attn_scale or qk**-0.5) * math.sqrt(qk))
+        w.add_rope_scaling_type(RopeScalingType.YARN)
+        w.add_rope_scaling_factor(y.factor)
+        w.add_rope_scaling_orig_ctx_len(y.original_context)
+        w.add_rope_scaling_yarn_log_mul((mscale - 1.0) / math.log(y.factor))
+        w.add_rope_scaling_yarn_beta_fast(y.beta_fast)
+        w.add_rope_scaling_yarn_beta_slow(y.beta_slow)
+
+
 def gguf_tensors(model: Transformer, arch: str) -> dict[str, torch.Tensor]:
     """Our state dict renamed to GGUF names (fused tensors concatenated), q/k in llama's layout."""
     cfg = model.cfg
-    names = {**GGUF_NAMES, **ARCH_NAMES.get(arch, {})}
+    arch_names = ARCH_NAMES.get(arch, {})
+    # the architecture's own names first: where two GGUF names map to one of ours (DeepSeek's attn_q_a_norm and
+    # Gemma's attn_q_norm are both `attn.q_norm`), the file gets the one this architecture's readers expect
+    names = {**arch_names, **{k: v for k, v in GGUF_NAMES.items() if k not in arch_names}}
     state = model.state_dict()
     if cfg.tie_embeddings:
         state.pop("output.weight", None)

@@ -46,17 +46,14 @@ CASES = {
         DEEPSEEK, q_lora_rank=24, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=2,
         first_k_dense_replace=0, topk_method="group_limited_greedy", n_group=4, topk_group=2,
         routed_scaling_factor=2.0)),
-    # and with YaRN, whose mscale_all_dim also sharpens the softmax (attention scale x mscale^2)
+    # and with YaRN as DeepSeek-V2 ships it (mscale = mscale_all_dim: the softmax scale x mscale^2)
     "deepseek2_yarn": ("DeepseekV2Config", "DeepseekV2ForCausalLM", dict(
         DEEPSEEK, n_routed_experts=4, num_experts_per_tok=2, first_k_dense_replace=1, rope_parameters=dict(
             rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=128, mscale=0.707,
-            mscale_all_dim=1.0))),
+            mscale_all_dim=0.707))),
 }
 NO_GGUF = {"qwen2_mixed_swa": "GGUF has no per-layer window key for qwen2",
-           "deepseek2_mla_moe": "GGUF export of DeepSeek-V2 is not written yet",
-           "deepseek2_q_latent_groups": "GGUF export of DeepSeek-V2 is not written yet",
-           "deepseek2_yarn": "GGUF export of DeepSeek-V2 is not written yet",
-           "llama_yarn": "GGUF export of YaRN scaling is not written yet"}
+           "llama_yarn": "GGUF export of YaRN scaling is only written for DeepSeek-V2"}
 
 
 def make_checkpoint(case: str, folder: Path, dtype: torch.dtype = torch.float32):  # noqa: ANN201
@@ -158,6 +155,40 @@ def test_gguf_twin_matches_safetensors(case: str, ftype: str, tmp_path: Path) ->
     assert gg.cfg.layer_windows == st.cfg.layer_windows and gg.cfg.moe == st.cfg.moe
     ids = ids_for(60)
     pos = torch.arange(60)[None]
+    assert (gg(ids, pos) - st(ids, pos)).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("case", ["deepseek2_mla_moe", "deepseek2_q_latent_groups"])
+@torch.inference_mode()
+def test_gguf_with_split_kv_b_matches_safetensors(case: str, tmp_path: Path) -> None:
+    """llama.cpp's current converter writes each DeepSeek layer's kv_b as attn_k_b (H, rank, nope: per head,
+    transposed) and attn_v_b (H, v, rank) instead of attn_kv_b; such a file loads to the same logits."""
+    from gguf import GGUFWriter
+
+    from leanlm.export_gguf import gguf_tensors, write_metadata
+    from leanlm.gguf_file import GGUFFile
+    from leanlm.loaders.gguf import load_gguf_model
+
+    make_checkpoint(case, tmp_path / "hf")
+    st = load_hf_model(tmp_path / "hf", torch.float32)
+    m = st.cfg.mla
+    w = GGUFWriter(str(tmp_path / "m.gguf"), "deepseek2")
+    write_metadata(w, st.cfg, "deepseek2")
+    for name, t in gguf_tensors(st, "deepseek2").items():
+        if name.endswith("attn_kv_b.weight"):  # as convert_hf_to_gguf.py splits it
+            kv_b = t.view(st.cfg.n_heads, m.nope_dim + m.v_dim, m.kv_rank)
+            k_b, v_b = kv_b.split([m.nope_dim, m.v_dim], dim=1)
+            w.add_tensor(name.replace("kv_b", "k_b"), k_b.transpose(1, 2).contiguous().numpy())
+            w.add_tensor(name.replace("kv_b", "v_b"), v_b.contiguous().numpy())
+        else:
+            w.add_tensor(name, t.detach().float().numpy())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    gg = load_gguf_model(GGUFFile(tmp_path / "m.gguf"), torch.float32)
+    ids = ids_for(50)
+    pos = torch.arange(50)[None]
     assert (gg(ids, pos) - st(ids, pos)).abs().max().item() < 1e-4
 
 

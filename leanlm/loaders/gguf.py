@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..config import ModelConfig, MoeConfig
+from ..config import MlaConfig, ModelConfig, MoeConfig, YarnConfig
 from ..errors import UnsupportedError
 from ..gguf_file import GGUFFile
 from ..model import Transformer
@@ -17,7 +18,7 @@ from ..quant.int8 import Int8Embedding, Int8Linear, quantize_rows
 from ..quant.repack import REPACKED, int4_linear
 from .common import HeapTrimmer, compile_names, finish, meta_device, place, release_memory
 
-SUPPORTED_ARCHS = ("llama", "gemma3", "qwen2", "phi3")
+SUPPORTED_ARCHS = ("llama", "gemma3", "qwen2", "phi3", "deepseek2")
 
 # GGUF tensor name -> our parameter name ({i} = layer index). Data, not code.
 GGUF_NAMES: dict[str, str] = {
@@ -47,12 +48,27 @@ GGUF_NAMES: dict[str, str] = {
 }
 # per-architecture differences from the common map
 ARCH_NAMES: dict[str, dict[str, str]] = {
+    "deepseek2": {  # latent attention (mla.py) and shared experts
+        "blk.{i}.attn_q_a.weight": "layers.{i}.attn.wq_a.weight",
+        "blk.{i}.attn_q_a_norm.weight": "layers.{i}.attn.q_norm.weight",
+        "blk.{i}.attn_q_b.weight": "layers.{i}.attn.wq_b.weight",
+        "blk.{i}.attn_kv_a_mqa.weight": "layers.{i}.attn.wkv_a.weight",
+        "blk.{i}.attn_kv_a_norm.weight": "layers.{i}.attn.kv_norm.weight",
+        "blk.{i}.attn_kv_b.weight": "layers.{i}.attn.wkv_b.weight",
+        "blk.{i}.ffn_gate_shexp.weight": "layers.{i}.ffn.shared.w1.weight",
+        "blk.{i}.ffn_up_shexp.weight": "layers.{i}.ffn.shared.w3.weight",
+        "blk.{i}.ffn_down_shexp.weight": "layers.{i}.ffn.shared.w2.weight",
+    },
     "phi3": {  # fused q/k/v and gate/up, split by rows at load
         "blk.{i}.attn_qkv.weight": "layers.{i}.attn.wq.weight+layers.{i}.attn.wk.weight+layers.{i}.attn.wv.weight",
         "blk.{i}.ffn_up.weight": "layers.{i}.ffn.w1.weight+layers.{i}.ffn.w3.weight",
     },
 }
 IGNORED = ("rope_freqs.weight",)
+# llama.cpp's converter (since 2025) writes DeepSeek's kv_b projection as two tensors per layer for its absorbed
+# attention: k_b = W_uk transposed per head (H, kv_rank, nope) and v_b = W_uv (H, v, kv_rank); wkv_b is both,
+# head by head: rows h (nope + v) .. are k_b[h]^T then v_b[h] (_merge_kv_b).
+KV_B = re.compile(r"^blk\.(\d+)\.attn_([kv])_b\.weight$")
 _MAPPERS = {arch: compile_names({**GGUF_NAMES, **ARCH_NAMES.get(arch, {})}) for arch in SUPPORTED_ARCHS}
 
 
@@ -87,8 +103,10 @@ def config_from_gguf(f: GGUFFile) -> ModelConfig:
     scaling = get("rope.scaling.type", "none")
     if scaling == "linear":
         common["rope_scale"] = float(get("rope.scaling.factor", 1.0))
-    elif scaling != "none":
+    elif scaling != "none" and not (scaling == "yarn" and arch == "deepseek2"):
         raise UnsupportedError(f"rope scaling '{scaling}' in GGUF files is not supported yet")
+    if arch == "deepseek2":
+        return _deepseek2_config(get, common)
     if arch != "gemma3":
         window = get("attention.sliding_window")
         windows = (int(window) if window else None,) * n_layers
@@ -101,6 +119,40 @@ def config_from_gguf(f: GGUFFile) -> ModelConfig:
         **common, layer_windows=windows, rope_local_base=10000.0, act="gelu_tanh",
         qk_norm=True, post_norms=True, embed_scale=math.sqrt(dim), attn_scale=head_dim**-0.5,
     )
+
+
+def _deepseek2_config(get: Any, common: dict[str, Any]) -> ModelConfig:
+    """DeepSeek-V2 from llama.cpp's keys. Files converted for llama.cpp's absorbed attention give the per-head
+    key and value sizes as `key_length_mla` / `value_length_mla` (their `key_length` is then the latent's)."""
+    if int(get("expert_gating_func", 1)) != 1 or get("expert_weights_norm", False):
+        raise UnsupportedError("DeepSeek-V3-style expert routing (sigmoid gates, normalised weights) is not supported")
+    rope = int(get("rope.dimension_count"))
+    qk = int(get("attention.key_length_mla", 0) or get("attention.key_length"))
+    mla = MlaConfig(kv_rank=int(get("attention.kv_lora_rank")), q_rank=int(get("attention.q_lora_rank", 0)) or None,
+                    nope_dim=qk - rope, rope_dim=rope,
+                    v_dim=int(get("attention.value_length_mla", 0) or get("attention.value_length")))
+    n_experts = int(get("expert_count", 0))
+    moe = MoeConfig(n_experts, int(get("expert_used_count")), hidden_dim=int(get("expert_feed_forward_length")),
+                    score_first=True, routed_scale=float(get("expert_weights_scale", 1.0)),
+                    n_group=int(get("expert_group_count", 1)), topk_group=int(get("expert_group_used_count", 1)),
+                    n_shared=int(get("expert_shared_count", 0)),
+                    first_dense=int(get("leading_dense_block_count", 0))) if n_experts else None
+    yarn, scale = None, qk**-0.5
+    if get("rope.scaling.type", "none") == "yarn":  # llama.cpp: kq_scale = mscale^2 / sqrt(qk), cos/sin unscaled
+        factor = float(get("rope.scaling.factor"))
+        yarn = YarnConfig(factor, int(get("rope.scaling.original_context_length")),
+                          float(get("rope.scaling.yarn_beta_fast", 32.0)),
+                          float(get("rope.scaling.yarn_beta_slow", 1.0)))
+        scale *= (1.0 + float(get("rope.scaling.yarn_log_multiplier", 0.0)) * math.log(factor)) ** 2
+    common.update(n_kv_heads=common["n_heads"], head_dim=qk, rope_dim=rope, moe=moe,
+                  hidden_dim=int(get("feed_forward_length")))
+    return ModelConfig(**common, mla=mla, yarn=yarn, attn_scale=scale, rope_interleaved=True)
+
+
+def _merge_kv_b(parts: dict[str, torch.Tensor]) -> torch.Tensor:
+    """wkv_b (H (nope + v), kv_rank) from k_b (H, kv_rank, nope) and v_b (H, v, kv_rank) (see KV_B)."""
+    k, v = parts["k"].transpose(1, 2), parts["v"]  # (H, nope, kv_rank), (H, v, kv_rank)
+    return torch.cat([k, v], dim=1).reshape(-1, k.shape[-1])
 
 
 def load_gguf_model(f: GGUFFile, dtype: torch.dtype, device: str | torch.device = "cpu",
@@ -121,8 +173,15 @@ def load_gguf_model(f: GGUFFile, dtype: torch.dtype, device: str | torch.device 
     if quantized:
         done |= _swap_int8_head(f, model, state, dtype)
     expected = dict(model.state_dict())
+    kv_b: dict[str, dict[str, torch.Tensor]] = {}  # layer -> {"k": ..., "v": ...} of split kv_b tensors
     for name in f.tensors:
         if name in IGNORED or name in done:
+            continue
+        if cfg.mla is not None and (m := KV_B.match(name)):
+            parts = kv_b.setdefault(m.group(1), {})
+            parts[m.group(2)] = dequantize(f, name, dtype)
+            if len(parts) == 2:
+                place(_merge_kv_b(parts), [f"layers.{m.group(1)}.attn.wkv_b.weight"], expected, state, dtype, device)
             continue
         targets = mapper(name)
         if targets is None:
