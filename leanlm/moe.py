@@ -46,7 +46,7 @@ class MoE(nn.Module):
         flat_e = top_e.flatten()  # (N*k,)
         order = torch.argsort(flat_e, stable=True)
         token_of = order // self.k  # (N*k,)
-        counts = torch.bincount(flat_e, minlength=self.w1.shape[0]).tolist()
+        counts = torch.bincount(flat_e, minlength=self.moe.n_experts).tolist()
         xs = xf[token_of]  # (N*k, D), grouped by expert
         ys = torch.empty_like(xs)
         start = 0
@@ -54,15 +54,21 @@ class MoE(nn.Module):
             if n == 0:
                 continue
             h = xs[start:start + n]  # (n, D)
-            g = F.linear(h, self.w1[e])
+            g = self._expert(1, e, h)
             g = F.silu(g) if self.act == "silu" else F.gelu(g, approximate="tanh")
-            ys[start:start + n] = F.linear(g * F.linear(h, self.w3[e]), self.w2[e])
+            ys[start:start + n] = self._expert(2, e, g * self._expert(3, e, h))
             start += n
         ys = ys * weights.flatten()[order, None]
         out = torch.zeros_like(xf).index_add_(0, token_of, ys)  # (N, D)
         if self.shared is not None:
             out = out + self.shared(xf)
         return out.view(shape)
+
+    def _expert(self, which: int, e: int, h: torch.Tensor) -> torch.Tensor:
+        """Expert e's gate (1), down (2) or up (3) projection of h: from the stacked dense weights, or from the
+        quantized experts (ModuleLists q1, q2, q3 of Int4Linear, loaders/gguf.py) that replace them."""
+        quantized = self._modules.get(f"q{which}")
+        return quantized[e](h) if quantized is not None else F.linear(h, getattr(self, f"w{which}")[e])
 
     def _scores_top_k(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """DeepSeek's routing: softmax over all E experts, top k of those scores -> (weights, experts) (N, k).

@@ -36,9 +36,9 @@ import torch
 from . import native
 from .model import Transformer
 
-_SOURCES = ("model.py", "config.py", "native.py", "quant/int4.py", "quant/int8.py", "quant/repack.py",
-            "quant/dequant.py", "quant/fuse.py", "loaders/gguf.py", "loaders/common.py", "tokenizer.py",
-            "gguf_file.py", "weight_cache.py")
+_SOURCES = ("model.py", "moe.py", "mla.py", "config.py", "native.py", "quant/int4.py", "quant/int8.py",
+            "quant/repack.py", "quant/dequant.py", "quant/fuse.py", "loaders/gguf.py", "loaders/common.py",
+            "tokenizer.py", "gguf_file.py", "weight_cache.py")
 
 
 def enabled() -> bool:

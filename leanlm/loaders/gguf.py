@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from typing import Any
 
 import torch
@@ -14,8 +15,9 @@ from ..errors import UnsupportedError
 from ..gguf_file import GGUFFile
 from ..model import Transformer
 from ..quant.dequant import dequantize, dequantize_rows
+from ..quant.int4 import Int4Linear
 from ..quant.int8 import Int8Embedding, Int8Linear, quantize_rows
-from ..quant.repack import REPACKED, int4_linear
+from ..quant.repack import REPACKED, int4_linear, repack
 from .common import HeapTrimmer, compile_names, finish, meta_device, place, release_memory
 
 SUPPORTED_ARCHS = ("llama", "gemma3", "qwen2", "phi3", "deepseek2")
@@ -199,6 +201,10 @@ def _swap_int4_linears(f: GGUFFile, model: Transformer, mapper: Any, state: dict
     trim = HeapTrimmer()
     for name, info in f.tensors.items():
         targets = mapper(name) if info.qtype in REPACKED else None
+        if targets and len(targets) == 1 and len(info.shape) == 3:  # stacked experts (E, N, K) of an MoE
+            done.update(_swap_experts(f, model, name, targets[0], state))
+            trim()
+            continue
         if not targets or len(targets) != 1 or not targets[0].endswith(".weight"):
             continue
         path = targets[0][: -len(".weight")]
@@ -216,6 +222,23 @@ def _swap_int4_linears(f: GGUFFile, model: Transformer, mapper: Any, state: dict
         done.update({name, bias_name})
     release_memory()
     return done
+
+
+def _swap_experts(f: GGUFFile, model: Transformer, name: str, target: str, state: dict[str, torch.Tensor]) -> set[str]:
+    """Stacked expert weights `name` (E, N, K), e.g. ffn_gate_exps for `layers.3.ffn.w1`, as E Int4Linear
+    modules (the MoE's `q1`) in place of the dense stacked parameter; each expert's rows are its own bytes."""
+    path, which = target.rsplit(".", 1)  # "layers.3.ffn", "w1"
+    moe = model.get_submodule(path)
+    E, N, K = f.tensors[name].shape
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # (a read-only buffer: repack copies what it keeps)
+        raw = torch.frombuffer(f.raw(name), dtype=torch.uint8).view(E, -1)
+    experts = nn.ModuleList(Int4Linear(repack(raw[e], f.tensors[name].qtype, N, K)) for e in range(E))
+    f.release(name)
+    delattr(moe, which)
+    moe.add_module("q" + which[1:], experts)
+    state.update({f"{path}.q{which[1:]}.{k}": v for k, v in experts.state_dict().items()})
+    return {name}
 
 
 def _swap_int8_head(f: GGUFFile, model: Transformer, state: dict[str, torch.Tensor], dtype: torch.dtype) -> set[str]:
