@@ -15,13 +15,20 @@ import torch.multiprocessing as mp
 from tiny_models import random_transformer, write_tiny_mistral
 
 from leanlm.cache import ModelCache
+from leanlm.config import MlaConfig, MoeConfig
 from leanlm.errors import LeanLMError, UnsupportedError
 from leanlm.generate import generate_ids
 
-CONFIGS = {  # GQA with a sliding window; and Gemma-like norms around both halves, qk norms, gelu, biases
+CONFIGS = {  # GQA with a sliding window; Gemma-like norms around both halves, qk norms, gelu, biases; Mixtral's
+    # experts; DeepSeek's latent attention (queries through their own latent) with a dense block, then routed
+    # and shared experts
     "gqa_swa": dict(windows=(4, None, 4)),
     "gemma_like": dict(windows=(None, 6), qk_norm=True, post_norms=True, act="gelu_tanh", attn_bias=True,
                        embed_scale=5.0),
+    "mixtral_like": dict(windows=(None, 8), moe=MoeConfig(4, 2)),
+    "deepseek_like": dict(windows=(None, None), n_kv_heads=4, head_dim=12, rope_dim=4, rope_interleaved=True,
+                          mla=MlaConfig(24, 16, 8, 4, 6),
+                          moe=MoeConfig(4, 2, hidden_dim=16, score_first=True, n_shared=1, first_dense=1)),
 }
 
 
@@ -50,8 +57,10 @@ def worker(rank: int, world: int, store: str, name: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     torch.set_num_threads(1)
     try:
-        model = shard(reference(name), rank, world)
-        assert model.layers[0].attn.wq.out_features == model.cfg.n_heads * model.cfg.head_dim
+        model = reference(name)
+        whole = sum(p.numel() for p in model.layers.parameters())
+        model = shard(model, rank, world)
+        assert sum(p.numel() for p in model.layers.parameters()) < 0.75 * whole  # each rank holds a share
         torch.save(outputs(model), f"{out}.{rank}")
     finally:
         dist.destroy_process_group()
@@ -69,13 +78,16 @@ def test_two_ranks_equal_the_whole_model(name: str, tmp_path: Path) -> None:
 
 
 def test_shard_refuses_what_it_cannot_split() -> None:
-    from leanlm.config import MoeConfig
     from leanlm.tp import shard
 
-    with pytest.raises(LeanLMError, match="must divide"):
+    with pytest.raises(LeanLMError, match="must divide the heads"):
         shard(random_transformer((None,)), 0, 3)  # 4 heads, 2 KV heads over 3 ranks
-    with pytest.raises(UnsupportedError, match="experts"):
-        shard(random_transformer((None,), moe=MoeConfig(4, 2)), 0, 2)
+    with pytest.raises(LeanLMError, match="must divide the experts' width"):
+        shard(random_transformer((None,), moe=MoeConfig(4, 2, hidden_dim=15)), 0, 2)
+    m = random_transformer((None,))
+    m.layers[0].attn.wo = torch.nn.Identity()  # stands for a quantized module: anything but a dense Linear
+    with pytest.raises(UnsupportedError, match="dense weights"):
+        shard(m, 0, 2)
 
 
 def test_cli_under_torchrun_prints_one_answer(tmp_path: Path) -> None:
