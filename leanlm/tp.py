@@ -36,15 +36,16 @@ from .model import FeedForward, Transformer
 from .moe import MoE
 
 
-class AllReduceLinear(nn.Module):
-    """A row-parallel Linear: this rank's columns of the weight, then the sum over ranks."""
+class AllReduce(nn.Module):
+    """A module whose output is a partial sum on each rank (a row-parallel Linear: this rank's columns of the
+    weight; an MoE of split experts), summed over the ranks."""
 
-    def __init__(self, linear: nn.Linear, group: dist.ProcessGroup | None = None) -> None:
+    def __init__(self, inner: nn.Module, group: dist.ProcessGroup | None = None) -> None:
         super().__init__()
-        self.linear, self.group = linear, group
+        self.inner, self.group = inner, group
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.linear(x)
+        y = self.inner(x)
         dist.all_reduce(y, group=self.group)
         return y
 
@@ -67,19 +68,6 @@ def _cols(lin: nn.Linear, lo: int, hi: int, rank: int) -> nn.Linear:
     return out
 
 
-class AllReduce(nn.Module):
-    """A module whose output is a partial sum on each rank (an MoE of split experts), summed over ranks."""
-
-    def __init__(self, inner: nn.Module, group: dist.ProcessGroup | None = None) -> None:
-        super().__init__()
-        self.inner, self.group = inner, group
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.inner(x)
-        dist.all_reduce(y, group=self.group)
-        return y
-
-
 def _split(n: int, world: int, what: str) -> int:
     if n % world:
         raise LeanLMError(f"{world} ranks must divide the {what} ({n})")
@@ -99,7 +87,7 @@ def _shard_mlp(f: FeedForward, rank: int, world: int, reduce: bool, group: dist.
     F = _split(f.w1.out_features, world, "MLP width")
     f.w1, f.w3 = _rows(f.w1, rank * F, (rank + 1) * F), _rows(f.w3, rank * F, (rank + 1) * F)
     w2 = _cols(f.w2, rank * F, (rank + 1) * F, rank)
-    f.w2 = AllReduceLinear(w2, group) if reduce else w2
+    f.w2 = AllReduce(w2, group) if reduce else w2
 
 
 def _shard_moe(moe: MoE, rank: int, world: int) -> None:
@@ -128,7 +116,7 @@ def _shard_mla(a: MLAttention, H: int, rank: int, group: dist.ProcessGroup | Non
         a.wq_b = _rows(a.wq_b, rank * H * qd, (rank + 1) * H * qd)
     _dense(a.wkv_b, a.wo)
     a.wkv_b = _rows(a.wkv_b, rank * H * kvd, (rank + 1) * H * kvd)
-    a.wo = AllReduceLinear(_cols(a.wo, rank * H * m.v_dim, (rank + 1) * H * m.v_dim, rank), group)
+    a.wo = AllReduce(_cols(a.wo, rank * H * m.v_dim, (rank + 1) * H * m.v_dim, rank), group)
 
 
 def shard(model: Transformer, rank: int, world: int, group: dist.ProcessGroup | None = None) -> Transformer:
@@ -148,7 +136,7 @@ def shard(model: Transformer, rank: int, world: int, group: dist.ProcessGroup | 
             a.wq = _rows(a.wq, rank * H * hd, (rank + 1) * H * hd)
             a.wk = _rows(a.wk, rank * KV * hd, (rank + 1) * KV * hd)
             a.wv = _rows(a.wv, rank * KV * hd, (rank + 1) * KV * hd)
-            a.wo = AllReduceLinear(_cols(a.wo, rank * H * hd, (rank + 1) * H * hd, rank), group)
+            a.wo = AllReduce(_cols(a.wo, rank * H * hd, (rank + 1) * H * hd, rank), group)
         if isinstance(f, MoE):
             _shard_moe(f, rank, world)
             layer.ffn = AllReduce(f, group)
