@@ -48,7 +48,7 @@ def timed(f, reps: int = 5) -> float:
 def parts(model, lins: list, ids: list[int], b: int, ctx: int) -> tuple[float, float, float, float, float]:
     """Seconds for one step's weight products (from memory, and in cache), head and attention at batch b over
     `ctx` cached positions (each part alone, every layer in order), and the K/V megabytes attention reads."""
-    from leanlm.cache import ModelCache
+    from leanlm.model.cache import ModelCache
 
     cfg = model.cfg
     xs = {n: torch.randn(b, n, dtype=torch.bfloat16) for n in {m.in_features for m in lins}}
@@ -80,10 +80,10 @@ def parts(model, lins: list, ids: list[int], b: int, ctx: int) -> tuple[float, f
 
 
 def measure(model_name: str, batches: list[int], kv: str, threads: int, prompt: int, gen: int) -> dict:
-    from leanlm.bench_engines import greedy_batch
-    from leanlm.hub import resolve_model
+    from leanlm.formats.hub import resolve_model
     from leanlm.llm import load
     from leanlm.quant.int4 import Int4Linear
+    from leanlm.tools.bench_engines import greedy_batch
 
     torch.set_num_threads(threads)
     llm = load(str(resolve_model(model_name)), threads=threads, progress=False, kv_cache=kv)

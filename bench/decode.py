@@ -15,8 +15,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from leanlm.bench import has_llamacpp  # noqa: E402
-from leanlm.cli import main as leanlm_main  # noqa: E402
+from leanlm.tools.bench import has_llamacpp  # noqa: E402
+from leanlm.tools.cli import main as leanlm_main  # noqa: E402
 
 
 def main() -> int:

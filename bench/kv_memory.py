@@ -6,7 +6,7 @@ Usage: python bench/kv_memory.py [--lengths 1024,4096,8192,16384,32768] [--chunk
 The model is Mistral 7B's shape (32 layers, 32 query heads, head_dim 128, window 4096) in fp16, with
 32 KV heads (MHA, what the model would need without GQA), 8 KV heads (GQA, full attention in every
 layer) or 8 KV heads and the 4096-token window in every layer (GQA+SWA, Mistral 7B as published).
-Nothing is estimated: each number is what `leanlm.cache.ModelCache` allocates for a cache of that many
+Nothing is estimated: each number is what `leanlm.model.cache.ModelCache` allocates for a cache of that many
 positions (K, V and the int64 slot-position index of every layer), built on the meta device so no
 memory is actually taken. A sliding layer's rolling buffer holds W + chunk slots (the prefill chunk is
 written before attention reads the buffer, see leanlm/cache.py), so at 32k tokens SWA saves
@@ -22,8 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
-from leanlm.cache import ModelCache
-from leanlm.config import ModelConfig
+from leanlm.model.cache import ModelCache
+from leanlm.model.config import ModelConfig
 
 LAYERS, HEADS, HEAD_DIM, WINDOW = 32, 32, 128, 4096
 VARIANTS: dict[str, tuple[int, int | None]] = {  # name -> (KV heads, window)

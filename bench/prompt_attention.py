@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from leanlm import native  # noqa: E402
+from leanlm.kernels import build as native  # noqa: E402
 
 # name, query heads, K/V heads, head dim, queries, keys, window, position of the first query
 CASES = [("gemma 256 causal", 4, 1, 256, 256, 256, None, 0),

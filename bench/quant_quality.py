@@ -6,8 +6,8 @@ Usage: python bench/quant_quality.py [--model smollm2-135m] [--text tests/fixtur
                                      [--workdir DIR] [--no-speed] [--out docs/quantization]
 
 The float reference is made by dequantizing the shipped file to F32 (`leanlm quantize MODEL f32.gguf
---type f32`); every scheme is quantized from that reference with `leanlm.quantize.quantize`. Quality is
-measured on the fp32 path (exact dequantized weights) with `leanlm.perplexity.perplexity(..., reference=
+--type f32`); every scheme is quantized from that reference with `leanlm.tools.quantize.quantize`. Quality is
+measured on the fp32 path (exact dequantized weights) with `leanlm.tools.perplexity.perplexity(..., reference=
 float model)`; llama.cpp's perplexity of the same file (when llama-cpp-python is installed) checks that it
 reads our files as we do. Speed uses `leanlm bench`'s subprocess runs (256-token prompt, 128 greedy tokens,
 2 threads, leanlm's default auto dtype). Prints the markdown table; writes OUT.json and OUT.png (perplexity
@@ -36,7 +36,7 @@ SCHEMES = [("float (F32)", "f32", "rtn"), ("q8_0", "q8_0", "rtn"), ("q4_0 RTN", 
 
 def measure_quality(path: Path, ref_llm: Any, text: str, ctx: int, chunks: int | None) -> dict[str, Any]:
     from leanlm.llm import load
-    from leanlm.perplexity import perplexity
+    from leanlm.tools.perplexity import perplexity
 
     llm = load(path, dtype="float32", progress=False)
     r = perplexity(llm, text, ctx, reference=ref_llm, max_chunks=chunks, progress=False)
@@ -44,8 +44,8 @@ def measure_quality(path: Path, ref_llm: Any, text: str, ctx: int, chunks: int |
 
 
 def measure_speed(path: Path, threads: int) -> dict[str, Any]:
-    from leanlm.bench import has_llamacpp, run_bench
-    from leanlm.bench_engines import BenchSpec
+    from leanlm.tools.bench import has_llamacpp, run_bench
+    from leanlm.tools.bench_engines import BenchSpec
 
     out = run_bench(BenchSpec(model=str(path), threads=threads), "llama.cpp" if has_llamacpp() else None)
     return {k: {"decode_tps": out[k]["runs"][0]["decode_tps"], "prefill_tps": out[k]["runs"][0]["prefill_tps"],
@@ -112,9 +112,9 @@ def main() -> None:
 
     import torch
 
-    from leanlm.hub import resolve_model
+    from leanlm.formats.hub import resolve_model
     from leanlm.llm import load
-    from leanlm.quantize import quantize
+    from leanlm.tools.quantize import quantize
 
     torch.set_num_threads(args.threads)
     if args.speed_only:

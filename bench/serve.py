@@ -28,7 +28,7 @@ from pathlib import Path
 
 import httpx
 
-from leanlm.hub import resolve_model
+from leanlm.formats.hub import resolve_model
 
 PROMPTS = ["The history of the printing press begins", "Once upon a time, in a small village by the sea,",
            "Here is a simple recipe for bread:", "The three laws of motion state that",

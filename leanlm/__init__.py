@@ -13,22 +13,22 @@ __version__ = "0.1.0"
 __all__ = ["LLM", "SamplingParams", "load", "pull"]
 
 if TYPE_CHECKING:
-    from .hub import pull
-    from .llm import LLM, load
-    from .sampling import SamplingParams
+    from leanlm.formats.hub import pull
+    from leanlm.llm import LLM, load
+    from leanlm.runtime.sampling import SamplingParams
 
 
 def __getattr__(name: str) -> Any:  # imported lazily so `leanlm --help` does not pay for torch
     if name in ("LLM", "load"):
-        from . import llm
+        from leanlm import llm
 
         return getattr(llm, name)
     if name == "SamplingParams":
-        from .sampling import SamplingParams
+        from leanlm.runtime.sampling import SamplingParams
 
         return SamplingParams
     if name == "pull":
-        from .hub import pull
+        from leanlm.formats.hub import pull
 
         return pull
     raise AttributeError(name)

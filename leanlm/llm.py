@@ -11,23 +11,22 @@ from typing import Any
 
 import torch
 
-from . import weight_cache
-from .cache import ModelCache
-from .compiled import MODES, DecodeStep, decode_step, get_step, step_kind, verify_step
-from .errors import LeanLMError
-from .generate import GenStats, generate_ids
-from .hub import DEFAULT_MODEL, resolve_model
-from .loaders import load_model
-from .loaders.common import release_memory
-from .model import Transformer
-from .native_step import native_step
-from .proposers import DraftModel, PromptLookup, check_vocab
-from .proposers import early_exit as make_early_exit
-from .sampling import SamplingParams, sample
-from .speculative import Proposer, SpecStats, speculative_ids
-from .stops import StopStrings
-from .structured import Constraint, Grammars
-from .tokenizer import StreamDecoder
+from leanlm.errors import LeanLMError
+from leanlm.formats import load_model, weight_cache
+from leanlm.formats.hub import DEFAULT_MODEL, resolve_model
+from leanlm.formats.placing import release_memory
+from leanlm.formats.tokenizer import StreamDecoder
+from leanlm.model.cache import ModelCache
+from leanlm.model.transformer import Transformer
+from leanlm.runtime.generate import GenStats, generate_ids
+from leanlm.runtime.proposers import DraftModel, PromptLookup, check_vocab
+from leanlm.runtime.proposers import early_exit as make_early_exit
+from leanlm.runtime.sampling import SamplingParams, sample
+from leanlm.runtime.speculative import Proposer, SpecStats, speculative_ids
+from leanlm.runtime.steps.compiled import MODES, DecodeStep, decode_step, get_step, step_kind, verify_step
+from leanlm.runtime.steps.cpp import native_step
+from leanlm.runtime.stops import StopStrings
+from leanlm.runtime.structured import Constraint, Grammars
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -253,14 +252,14 @@ def load(model: str | Path = DEFAULT_MODEL, *, dtype: str | torch.dtype = "auto"
     else:
         m, tok = load_model(path, compute, device, quantized)
         if quantized:
-            from .quant.fuse import fuse_projections
+            from leanlm.quant.fuse import fuse_projections
 
             fuse_projections(m)  # q/k/v and gate/up as one matmul each: fewer kernel calls per token
         if cached and weight_cache.save(m, tok, path, compute) is not None:
             m, tok = weight_cache.load(path, compute) or (m, tok)  # the mapped copy; the heap's is freed below
     release_memory()  # what the file's parsed header and the tokenizer's construction left in the heap
     if kv_cache == "int8":
-        from .cache import int8_kv_supported
+        from leanlm.model.cache import int8_kv_supported
 
         if not int8_kv_supported(m.cfg, m.dtype, m.device):
             raise LeanLMError("--kv-cache int8 needs a CPU with AVX-512 VNNI and BF16, bfloat16 compute, head dim "

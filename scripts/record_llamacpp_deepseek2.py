@@ -49,7 +49,7 @@ def main() -> None:
     out = Path(ap.parse_args().out)
     from llama_cpp import Llama
 
-    from leanlm.quantize import quantize
+    from leanlm.tools.quantize import quantize
 
     with tempfile.TemporaryDirectory() as d:
         build(Path(d) / "hf")

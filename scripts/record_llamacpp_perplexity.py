@@ -9,7 +9,7 @@ one, special tokens not parsed), cut into n_tokens // ctx non-overlapping window
 (first token replaced by BOS when the vocab adds one, evaluated from an empty KV cache) the logits at
 positions ctx//2 .. ctx-2 score the tokens ctx//2+1 .. ctx-1 by log-softmax (fp32 logits, fp64 sums,
 as the tool's log_softmax does). perplexity = exp(mean nll). `tests/test_perplexity.py` compares
-`leanlm.perplexity.perplexity` against the stored numbers, so llama-cpp-python is not needed at test time.
+`leanlm.tools.perplexity.perplexity` against the stored numbers, so llama-cpp-python is not needed at test time.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ import pytest
 def _model(name: str, env: str) -> Path:
     if os.environ.get(env):
         return Path(os.environ[env])
-    from leanlm.hub import pull
+    from leanlm.formats.hub import pull
 
     return pull(name, progress=False)
 

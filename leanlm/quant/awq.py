@@ -16,8 +16,9 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from ..model import FeedForward, RMSNorm, Transformer
-from .blocks import BlockFormat, dequant
+from leanlm.model.layers import FeedForward, RMSNorm
+from leanlm.model.transformer import Transformer
+from leanlm.quant.blocks import BlockFormat, dequant
 
 
 def fake_quant(w: torch.Tensor, fmt: BlockFormat) -> torch.Tensor:

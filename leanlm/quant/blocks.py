@@ -53,8 +53,8 @@ def dequant(codes: torch.Tensor, fit: Fit, group: int) -> torch.Tensor:
 
 def get_format(qtype: GGMLQuantizationType) -> BlockFormat:
     """The quantizer for `qtype` (legacy.py: Q8_0, Q4_0, Q4_1, Q5_0, Q5_1; kquants.py: Q4_K, Q5_K, Q6_K)."""
-    from .kquants import KQUANT_FORMATS
-    from .legacy import LEGACY_FORMATS
+    from leanlm.quant.kquants import KQUANT_FORMATS
+    from leanlm.quant.legacy import LEGACY_FORMATS
 
     formats = {**LEGACY_FORMATS, **KQUANT_FORMATS}
     if qtype not in formats:

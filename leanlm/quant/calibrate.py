@@ -12,7 +12,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from ..model import Transformer
+from leanlm.model.transformer import Transformer
 
 
 def windows(ids: list[int], seq_len: int, n_tokens: int, bos: int | None) -> list[torch.Tensor]:

@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType
 
-from ..errors import UnsupportedError
-from ..gguf_file import GGUFFile
+from leanlm.errors import UnsupportedError
+from leanlm.formats.gguf_file import GGUFFile
 
 Q = GGMLQuantizationType
 _FLOAT = {Q.F32: torch.float32, Q.F16: torch.float16, Q.BF16: torch.bfloat16}

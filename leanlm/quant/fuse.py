@@ -8,8 +8,10 @@ removed, so the weights are held once.
 
 from __future__ import annotations
 
-from ..model import Attention, FeedForward, Transformer
-from .int4 import Int4Linear
+from leanlm.model.attention import Attention
+from leanlm.model.layers import FeedForward
+from leanlm.model.transformer import Transformer
+from leanlm.quant.int4 import Int4Linear
 
 
 def fuse_projections(model: Transformer) -> int:

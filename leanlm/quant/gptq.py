@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from .blocks import BlockFormat, Fit, expand
+from leanlm.quant.blocks import BlockFormat, Fit, expand
 
 
 def gptq(w: torch.Tensor, H: torch.Tensor, fmt: BlockFormat, damp: float = 0.01, block: int = 128,

@@ -28,9 +28,9 @@ import torch.nn.functional as F
 from gguf import GGMLQuantizationType
 from torch import nn
 
-from .. import native
-from ..native import int4_dense
-from .dequant import _k4_scales as _k4_scales  # re-exported: moved to dequant.py
+from leanlm.kernels import build as native
+from leanlm.kernels.build import int4_dense
+from leanlm.quant.dequant import _k4_scales as _k4_scales  # re-exported: moved to dequant.py
 
 Q = GGMLQuantizationType
 INT4_TYPES = (Q.Q4_0, Q.Q4_1, Q.Q4_K)

@@ -16,8 +16,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .. import native
-from ..native import int8_matmul
+from leanlm.kernels import build as native
+from leanlm.kernels.build import int8_matmul
 
 ROWS_PER_STEP = 512  # rows decoded at a time: bounds load-time memory (640 columns: 1.25 MiB per fp32 temporary)
 

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType
 
-from .blocks import BlockFormat, Fit, expand
+from leanlm.quant.blocks import BlockFormat, Fit, expand
 
 Q = GGMLQuantizationType
 QK = 256  # weights per super-block

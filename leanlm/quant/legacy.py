@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType
 
-from .blocks import Fit
+from leanlm.quant.blocks import Fit
 
 _BLOCK = 32
 # roundf(a) for a >= 0 is floor(a + h) with h the float just below 0.5: the fp32 sum reaches the next integer

@@ -31,9 +31,9 @@ import warnings
 import torch
 from gguf import GGMLQuantizationType
 
-from ..gguf_file import GGUFFile
-from .dequant import _f16, _high_bits, _nibbles
-from .int4 import GROUP, Int4Linear, Int4Parts, _k4_scales
+from leanlm.formats.gguf_file import GGUFFile
+from leanlm.quant.dequant import _f16, _high_bits, _nibbles
+from leanlm.quant.int4 import GROUP, Int4Linear, Int4Parts, _k4_scales
 
 Q = GGMLQuantizationType
 REPACKED = (Q.Q4_0, Q.Q4_1, Q.Q4_K, Q.Q5_0, Q.Q5_1, Q.Q5_K, Q.Q8_0, Q.Q6_K, Q.Q3_K, Q.Q2_K)

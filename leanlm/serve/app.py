@@ -20,13 +20,13 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..errors import LeanLMError
-from ..llm import LLM
-from ..structured import Constraint, Grammar, SchemaError
-from .engine import Engine, Output, Sequence
-from .logprobs import Logprobs
-from .metrics import Metrics
-from .protocol import (
+from leanlm.errors import LeanLMError
+from leanlm.llm import LLM
+from leanlm.runtime.structured import Constraint, Grammar, SchemaError
+from leanlm.serve.engine import Engine, Output, Sequence
+from leanlm.serve.logprobs import Logprobs
+from leanlm.serve.metrics import Metrics
+from leanlm.serve.protocol import (
     ChatRequest,
     CompletionRequest,
     DetokenizeRequest,

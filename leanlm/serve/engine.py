@@ -33,15 +33,15 @@ from typing import Any
 
 import torch
 
-from ..cache import ModelCache
-from ..errors import LeanLMError
-from ..llm import LLM, Speculation
-from ..sampling import SamplingParams, sample
-from ..speculative import Proposer, recent
-from ..stops import StopStrings
-from ..structured import Constraint
-from ..tokenizer import StreamDecoder
-from .speculation import RowSpeculation
+from leanlm.errors import LeanLMError
+from leanlm.formats.tokenizer import StreamDecoder
+from leanlm.llm import LLM, Speculation
+from leanlm.model.cache import ModelCache
+from leanlm.runtime.sampling import SamplingParams, sample
+from leanlm.runtime.speculative import Proposer, recent
+from leanlm.runtime.stops import StopStrings
+from leanlm.runtime.structured import Constraint
+from leanlm.serve.speculation import RowSpeculation
 
 
 @dataclass

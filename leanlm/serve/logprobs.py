@@ -6,8 +6,8 @@ from typing import Any
 
 import torch
 
-from ..llm import LLM
-from .engine import Output
+from leanlm.llm import LLM
+from leanlm.serve.engine import Output
 
 TokenLogprob = tuple[int, float | None, list[tuple[int, float]] | None]  # token, its logprob, top alternatives
 

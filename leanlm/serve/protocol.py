@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from ..sampling import SamplingParams
+from leanlm.runtime.sampling import SamplingParams
 
 
 class StreamOptions(BaseModel):

@@ -7,10 +7,10 @@ import threading
 import time
 from pathlib import Path
 
-from ..errors import LeanLMError
-from ..llm import LLM
-from .app import create_app
-from .engine import Engine
+from leanlm.errors import LeanLMError
+from leanlm.llm import LLM
+from leanlm.serve.app import create_app
+from leanlm.serve.engine import Engine
 
 
 def model_id(name: str) -> str:

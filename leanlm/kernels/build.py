@@ -1,0 +1,219 @@
+"""Our own CPU kernels: small C files built with the machine's C compiler on first use, called via ctypes.
+
+Plain C (no torch headers) builds in well under a second with `-O3 -march=native`, for the CPU it runs
+on; the library is cached under ~/.cache/leanlm/kernels, keyed by the source, the flags and the CPU. The
+kernels are exposed as torch custom ops (`torch.ops.leanlm.*`), so compiled decode steps call them too.
+Where no compiler is found, or off CPU, the ops fall back to PyTorch's own kernels.
+
+Kernels called many times per token are torch operators written in C++ instead (`ops_library`:
+`torch.ops.leanlm_native.*`, kernels/*.cpp against torch's own headers, ~10 s to build once): a compiled
+decode step calls those from its C++ wrapper without entering Python.
+
+OpenMP: the library asks for libgomp.so.1, which resolves to the copy torch has already loaded, so both
+share one thread pool (two pools would spin against each other on a small machine).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+from pathlib import Path
+
+import torch
+
+KERNELS = Path(__file__).parent  # the C and C++ sources beside this file
+# the parts of -ffast-math the vectoriser needs, not -ffast-math itself: linked into a shared library it
+# switches on flush-to-zero for the whole process (seen: subnormal floats vanished in unrelated code)
+FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fno-signed-zeros", "-fassociative-math",
+         "-freciprocal-math", "-fopenmp", "-shared", "-fPIC"]
+_I64, _PTR = ctypes.c_int64, ctypes.c_void_p
+
+
+def _cpu_id() -> str:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        return next((ln for ln in text.splitlines() if ln.startswith(("model name", "flags"))), "")
+    except OSError:
+        return platform.processor()
+
+
+def _build(compiler: tuple[str, str, str], flags: list[str], pattern: str, name: str,
+           libs: tuple[str, ...] = ()) -> Path | None:
+    """Compile kernels/<pattern> into one shared library, cached under ~/.cache/leanlm/kernels by a hash of
+    the compiler, flags, CPU and sources; None where there is no compiler or the build fails.
+    compiler: (environment variable, default, fallback), e.g. ("CC", "cc", "gcc")."""
+    if os.environ.get("LEANLM_NATIVE", "1") == "0":
+        return None
+    env, default, fallback = compiler
+    cc = shutil.which(os.environ.get(env, default)) or shutil.which(fallback)
+    if cc is None:
+        return None
+    sources = sorted(KERNELS.glob(pattern))
+    h = hashlib.sha256(" ".join([cc, *flags, _cpu_id(), torch.__version__]).encode())
+    for src in sources + sorted(KERNELS.glob("*.h")):  # the headers they share count too
+        h.update(src.read_bytes())
+    root = Path(os.environ.get("LEANLM_CACHE") or Path.home() / ".cache" / "leanlm") / "kernels"
+    so = root / f"{name}-{h.hexdigest()[:16]}.so"
+    if not so.exists():
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = so.with_suffix(f".tmp{os.getpid()}")
+        cmd = [cc, *flags, "-o", str(tmp), *map(str, sources), *libs]
+        if subprocess.run(cmd, capture_output=True, text=True).returncode != 0:
+            return None
+        tmp.replace(so)
+    return so
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The built kernel library, or None where it cannot be built (no compiler, not x86/ARM Linux...)."""
+    so = _build(("CC", "cc", "gcc"), FLAGS, "*.c", "leanlm")
+    if so is None:
+        return None
+    lib = ctypes.CDLL(str(so))
+    lib.int8_matvec.argtypes = [_PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, ctypes.c_int]
+    lib.int8_matvec.restype = None
+    lib.int4_dense_bf16.argtypes = [_PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, ctypes.c_int]
+    lib.int4_dense_bf16.restype = None
+    lib.int8_matvec_vnni.argtypes = [_PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, ctypes.c_int]
+    lib.int8_matvec_vnni.restype = None
+    lib.int8_vnni_available.restype = ctypes.c_int
+    return lib
+
+
+@functools.cache
+def ops_library() -> bool:
+    """Build (once, cached like `library`) and load kernels/*.cpp as torch operators; False where that
+    cannot be done (no C++ compiler). Each file defines its operators only where the CPU has what it needs
+    (AVX-512, VNNI): see `int4_vnni` and `attention`."""
+    torch_dir = Path(torch.__file__).parent
+    flags = ["-O3", "-march=native", "-std=c++17", "-w", "-fopenmp", "-shared", "-fPIC",
+             f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+             f"-I{torch_dir / 'include'}", f"-L{torch_dir / 'lib'}"]
+    so = _build(("CXX", "c++", "g++"), flags, "*.cpp", "leanlm-ops", ("-ltorch_cpu", "-lc10"))
+    if so is None:
+        return False
+    torch.ops.load_library(str(so))
+    ops = torch.ops.leanlm_native
+    # shapes for torch.compile's tracing
+    if hasattr(ops, "int4_mm"):
+        torch.library.register_fake("leanlm_native::int4_mm")(
+            lambda x, w, scales, mins: x.new_empty(x.shape[0], w.shape[0]))
+        torch.library.register_fake("leanlm_native::int4_dense")(
+            lambda w, scales, mins, planes, k: w.new_empty(w.shape[0], k // planes, dtype=torch.bfloat16))
+    if hasattr(ops, "int8_mm"):
+        torch.library.register_fake("leanlm_native::int8_mm")(
+            lambda x, w, scales: x.new_empty(x.shape[0], w.shape[0], dtype=torch.float32))
+    if hasattr(ops, "attend"):
+        torch.library.register_fake("leanlm_native::attend")(lambda q, k, v, mask, scale: torch.empty_like(
+            q, memory_format=torch.contiguous_format))
+    if hasattr(ops, "attend_int8"):
+        torch.library.register_fake("leanlm_native::attend_int8")(
+            lambda q, k, ks, v, vs, mask, scale: torch.empty_like(q, memory_format=torch.contiguous_format))
+    if hasattr(ops, "cache_rows"):
+        torch.library.register_fake("leanlm_native::cache_write")(lambda cache, slots, k, v: None)
+        torch.library.register_fake("leanlm_native::cache_rows")(lambda cache, n: (
+            cache[2].new_empty(*cache[2].shape[:2], n, cache[2].shape[3], dtype=torch.bfloat16),
+            cache[2].new_empty(*cache[2].shape[:2], n, cache[2].shape[3], dtype=torch.bfloat16)))
+    if hasattr(ops, "flash_attend"):
+        torch.library.register_fake("leanlm_native::flash_attend")(lambda q, k, v, mask, scale: q.new_empty(
+            q.shape[0], q.shape[2], q.shape[1], q.shape[3]).transpose(1, 2))
+    if hasattr(ops, "rms_norm"):
+        torch.library.register_fake("leanlm_native::rms_norm")(lambda x, w, eps: torch.empty_like(
+            x, memory_format=torch.contiguous_format))
+        torch.library.register_fake("leanlm_native::argmax")(lambda x: x.new_empty(x.shape[0], dtype=torch.long))
+        torch.library.register_fake("leanlm_native::gated")(lambda g, u, kind: torch.empty_like(
+            g, memory_format=torch.contiguous_format))
+    return True
+
+
+def row_ops() -> bool:
+    """Do bf16 norms and gated activations run on our operators (kernels/rowops.cpp)? LEANLM_NATIVE_ROWS=0: no."""
+    return (os.environ.get("LEANLM_NATIVE_ROWS", "1") != "0" and ops_library()
+            and hasattr(torch.ops.leanlm_native, "rms_norm"))
+
+
+def attention() -> bool:
+    """Does few-query attention run on our operator (kernels/attention.cpp)? LEANLM_NATIVE_ATTENTION=0: no."""
+    return (os.environ.get("LEANLM_NATIVE_ATTENTION", "1") != "0" and ops_library()
+            and hasattr(torch.ops.leanlm_native, "attend"))
+
+
+def argmax() -> bool:
+    """Does greedy choice over fp32 logits run on our operator (kernels/rowops.cpp)? LEANLM_NATIVE_ROWS=0: no."""
+    return row_ops() and hasattr(torch.ops.leanlm_native, "argmax")
+
+
+def int8_attention() -> bool:
+    """Does decode attention over an int8 K/V cache run here (kernels/attend_int8.cpp, AVX-512 VNNI and BF16)?"""
+    return ops_library() and hasattr(torch.ops.leanlm_native, "attend_int8")
+
+
+def flash_attention() -> bool:
+    """Does prompts' bf16 attention run on our operator (kernels/flash.cpp)? LEANLM_NATIVE_FLASH=0: no (SDPA)."""
+    return (os.environ.get("LEANLM_NATIVE_FLASH", "1") != "0" and ops_library()
+            and hasattr(torch.ops.leanlm_native, "flash_attend"))
+
+
+def amx() -> bool:
+    """Do int4 products of 32 rows or more (prompts, batches of 32) run on AMX tiles (kernels/amx.cpp)? Needs
+    AMX-INT8 and the kernel's leave; LEANLM_AMX=0: no (read at each call)."""
+    return ops_library() and hasattr(torch.ops.leanlm_native, "amx_usable") and torch.ops.leanlm_native.amx_usable()
+
+
+def int4_vnni() -> bool:
+    """Do 4-bit weights run on our VNNI kernel (kernels/int4_vnni.cpp)? LEANLM_VNNI=0 keeps PyTorch's."""
+    return os.environ.get("LEANLM_VNNI", "1") != "0" and ops_library() and hasattr(torch.ops.leanlm_native, "int4_mm")
+
+
+def int8_head() -> bool:
+    """Does the output head run on our tiled VNNI operator (kernels/int8_head.cpp)? LEANLM_VNNI=0: no."""
+    return os.environ.get("LEANLM_VNNI", "1") != "0" and ops_library() and hasattr(torch.ops.leanlm_native, "int8_mm")
+
+
+def vnni_head() -> bool:
+    """Does the head run on VNNI with int8-quantised activations (kernels/int8_vnni.c)? Else fp32 math."""
+    lib = library()
+    return lib is not None and bool(lib.int8_vnni_available()) and os.environ.get("LEANLM_VNNI", "1") != "0"
+
+
+MAX_ROWS = 64  # beyond this many input rows (prefill, perplexity), PyTorch's kernel is used
+
+
+@torch.library.custom_op("leanlm::int8_matmul", mutates_args=())
+def int8_matmul(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """(x @ codes^T) * scales in fp32: x (M, K) any float dtype, codes (N, K) int8, scales (N,) bf16 -> (M, N)."""
+    lib = library() if x.device.type == "cpu" and codes.is_contiguous() and scales.is_contiguous() else None
+    if lib is None or x.shape[0] > MAX_ROWS:
+        return torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), codes, scales).float()
+    x32 = x.float().contiguous()
+    y = torch.empty(x.shape[0], codes.shape[0], dtype=torch.float32)
+    kernel = lib.int8_matvec_vnni if vnni_head() else lib.int8_matvec
+    kernel(x32.data_ptr(), codes.data_ptr(), scales.data_ptr(), y.data_ptr(),
+                    x.shape[0], codes.shape[0], codes.shape[1], torch.get_num_threads())
+    return y
+
+
+@int8_matmul.register_fake
+def _(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(x.shape[0], codes.shape[0], dtype=torch.float32)
+
+
+def int4_dense(packed: torch.Tensor, scales_zeros: torch.Tensor, mults: torch.Tensor | None, g: int,
+               n: int, k_packed: int) -> torch.Tensor | None:
+    """The dense bf16 (N, K) weight of an Int4Linear (planes summed), or None where the kernel is missing
+    or the layout is not one it handles (rows not a multiple of 64)."""
+    lib = library() if packed.device.type == "cpu" else None
+    P = 1 if mults is None else mults.numel()
+    if lib is None or n % 64 or k_packed % 32 or k_packed % (g * P):
+        return None
+    out = torch.empty(n, k_packed // P, dtype=torch.bfloat16)
+    m32 = None if mults is None else mults.float().flatten().contiguous()
+    lib.int4_dense_bf16(packed.data_ptr(), scales_zeros.data_ptr(), None if m32 is None else m32.data_ptr(),
+                        out.data_ptr(), n, k_packed, P, g, torch.get_num_threads())
+    return out
