@@ -4,9 +4,8 @@
  *
  * One `tdpbsud` computes a whole (rows x 16 outputs x 32 inputs) block of a group's integer sums in the AMX
  * unit, leaving the vector unit the scaling (4 ops per row, group and 16 outputs, where VNNI adds 8 `vpdpbusd`).
- * Measured on a 2-core Xeon with AMX (bench/NOTES.md): SmolLM2's gate/up matmul at 256 rows 412 -> 515 G MACs/s,
- * Gemma 3 prompts 11-14% faster; at 4-16 rows no faster than the VNNI loops (the scaling is the bound there),
- * and the int8 head was slower, so it keeps its own loops.
+ * Below 32 rows the scaling, not the dot products, bounds the work, so tiles do not pay there; the int8 head keeps
+ * its own loops for the same reason (numbers in bench/NOTES.md).
  *
  * The same numbers as the VNNI kernels, bit for bit: a group's dot product of int8 activations and codes is an
  * exact int32 either way, and the fp32 scaling that follows is the same instructions in the same order

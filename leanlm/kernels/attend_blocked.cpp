@@ -63,8 +63,8 @@ inline void softmax_row(float *s, int64_t S16, __m512 mxv) {
 template <int HD, int NR>
 void task(const Call &c, int64_t b, int64_t g, int64_t r0, float *s) {
     constexpr int NP = HD / 2;            // pairs of dims
-    constexpr int PF = HD < 256 ? 2 : 1;  // blocks ahead to prefetch (a block: 2, 4 or 8 KiB); without it,
-                                          // batch 32 waits on memory (bench/NOTES.md, session 10)
+    constexpr int PF = HD < 256 ? 2 : 1;  // blocks ahead to prefetch (a block: 2, 4 or 8 KiB): large batches
+                                          // otherwise wait on memory for every block of keys
     const int64_t S16 = (c.S + KB - 1) / KB * KB;
     const float ninf = -std::numeric_limits<float>::infinity();
     const uint32_t *qw[NR];  // each row's query as words of bf16 pairs
