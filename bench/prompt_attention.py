@@ -15,6 +15,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
@@ -23,15 +24,28 @@ import torch.nn.functional as F  # noqa: E402
 
 from leanlm.kernels import build as native  # noqa: E402
 
-# name, query heads, K/V heads, head dim, queries, keys, window, position of the first query
-CASES = [("gemma 256 causal", 4, 1, 256, 256, 256, None, 0),
+
+class Case(NamedTuple):
+    name: str
+    H: int  # query heads
+    KV: int  # K/V heads
+    hd: int  # head dim
+    T: int  # queries
+    S: int  # keys
+    window: int | None
+    first: int  # position of the first query
+
+
+CASES = [Case(*c) for c in [
+         ("gemma 256 causal", 4, 1, 256, 256, 256, None, 0),
          ("gemma 2048, last chunk, full layer", 4, 1, 256, 512, 2048, None, 1536),
          ("gemma 2048, last chunk, sliding layer", 4, 1, 256, 512, 1024, 512, 1536),
          ("smollm2 256 causal", 9, 3, 64, 256, 256, None, 0),
-         ("smollm2 2048, last chunk", 9, 3, 64, 512, 2048, None, 1536)]
+         ("smollm2 2048, last chunk", 9, 3, 64, 512, 2048, None, 1536)]]
 
 
-def case(H: int, KV: int, hd: int, T: int, S: int, window: int | None, first: int) -> tuple:
+def inputs(c: Case) -> tuple:
+    H, KV, hd, T, S, window, first = c[1:]
     g = torch.Generator().manual_seed(0)
     q = torch.randn(1, T, H, hd, generator=g).bfloat16().transpose(1, 2)  # (1, H, T, hd), as model.py has it
     k, v = (torch.randn(1, KV, S, hd, generator=g).bfloat16() for _ in range(2))
@@ -55,10 +69,9 @@ def best_ms(f, repeat: int) -> float:
     return min(times) * 1e3
 
 
-def measure(name: str, H: int, KV: int, hd: int, T: int, S: int, window: int | None, first: int,
-            repeat: int) -> dict:
-    q, k, v, mask = case(H, KV, hd, T, S, window, first)
-    scale = hd**-0.5
+def measure(c: Case, repeat: int) -> dict:
+    q, k, v, mask = inputs(c)
+    scale = c.hd**-0.5
 
     def ours() -> torch.Tensor:
         return torch.ops.leanlm_native.flash_attend(q, k, v, mask, scale)
@@ -66,10 +79,10 @@ def measure(name: str, H: int, KV: int, hd: int, T: int, S: int, window: int | N
     def sdpa() -> torch.Tensor:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
 
-    rep = H // KV
+    rep = c.H // c.KV
     s = (q.float() @ k.float().repeat_interleave(rep, 1).transpose(-1, -2)) * scale
     ref = torch.softmax(s.masked_fill(~mask, -torch.inf), -1) @ v.float().repeat_interleave(rep, 1)
-    return {"case": name, "allowed": round(mask.float().mean().item(), 3),
+    return {"case": c.name, "allowed": round(mask.float().mean().item(), 3),
             "sdpa_ms": best_ms(sdpa, repeat), "ours_ms": best_ms(ours, repeat),
             "sdpa_max_err": (sdpa().float() - ref).abs().max().item(),
             "ours_max_err": (ours().float() - ref).abs().max().item()}
@@ -85,7 +98,7 @@ def main() -> int:
         print("our prompt attention kernel is not available here (needs AVX-512 BF16 and a C++ compiler)")
         return 1
     torch.set_num_threads(a.threads)
-    rows = [measure(name, *shape, repeat=a.repeat) for name, *shape in CASES]
+    rows = [measure(c, a.repeat) for c in CASES]
     if a.json:
         print(json.dumps(rows, indent=1))
         return 0

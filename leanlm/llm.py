@@ -13,7 +13,8 @@ import torch
 
 from leanlm.errors import LeanLMError
 from leanlm.formats import load_model, weight_cache
-from leanlm.formats.hub import DEFAULT_MODEL, resolve_model
+from leanlm.formats.catalog import DEFAULT_MODEL
+from leanlm.formats.hub import resolve_model
 from leanlm.formats.placing import release_memory
 from leanlm.formats.tokenizer import StreamDecoder
 from leanlm.model.cache import ModelCache

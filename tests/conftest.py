@@ -24,3 +24,13 @@ def smol_path() -> Path:
 @pytest.fixture(scope="session")
 def gemma_path() -> Path:
     return _model("gemma3-270m", "LEANLM_TEST_GEMMA")
+
+
+REAL_MODEL_FIXTURES = {"smol_path", "gemma_path"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark every test that needs a real model (pulled from PyPI wheels) so `-m "not real_model"` runs offline."""
+    for item in items:
+        if REAL_MODEL_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.real_model)

@@ -2,8 +2,7 @@
 
 Layout: ``cache_dir()/models/<name>/<file>`` plus ``<file>.ok``, a marker holding the sha256 and size that is
 written only after the checksum passed, so a later pull checks size + marker instead of re-hashing.
-Downloads use pip itself (so its index, proxy and certificate config apply); extra pip arguments can be
-given in ``$LEANLM_PIP_ARGS`` (e.g. ``--no-index --find-links DIR`` for an offline wheel folder).
+Each part of a model is one PyPI wheel, fetched with pip itself (wheels.py).
 """
 
 from __future__ import annotations
@@ -11,21 +10,16 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import re
-import shlex
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
-import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from tqdm import tqdm
-
 from leanlm.errors import LeanLMError
-from leanlm.formats.catalog import DEFAULT_MODEL, REGISTRY, ModelEntry, WheelPart
+from leanlm.formats import wheels
+from leanlm.formats.catalog import REGISTRY, ModelEntry
+from leanlm.formats.wheels import CHUNK, iter_member, progress_bar
 
 try:
     import fcntl
@@ -33,8 +27,6 @@ except ImportError:  # pragma: no cover - non-POSIX: no cross-process lock
     fcntl = None  # type: ignore[assignment]
 
 __all__ = [
-    "DEFAULT_MODEL",
-    "REGISTRY",
     "cache_dir",
     "list_cached",
     "model_path",
@@ -42,21 +34,6 @@ __all__ = [
     "registry_names",
     "resolve_model",
 ]
-
-_CHUNK = 1 << 20
-_NETWORK_MARKERS = (
-    "NewConnectionError",
-    "Failed to establish a new connection",
-    "Temporary failure in name resolution",
-    "Name or service not known",
-    "Network is unreachable",
-    "Connection refused",
-    "ConnectTimeoutError",
-    "ReadTimeoutError",
-    "Max retries exceeded",
-    "ProxyError",
-    "Could not fetch URL",
-)
 
 
 def cache_dir() -> Path:
@@ -167,21 +144,14 @@ def _reverify(entry: ModelEntry, path: Path, progress: bool) -> bool:
     if entry.size is not None and size != entry.size:
         return False
     digest = hashlib.sha256()
-    with open(path, "rb") as f, _bar(progress, size, f"verify {entry.filename}") as bar:
-        while chunk := f.read(_CHUNK):
+    with open(path, "rb") as f, progress_bar(progress, size, f"verify {entry.filename}") as bar:
+        while chunk := f.read(CHUNK):
             digest.update(chunk)
             bar.update(len(chunk))
     if digest.hexdigest() != entry.sha256:
         return False
     _write_marker(path, entry.sha256, size)
     return True
-
-
-def _bar(progress: bool, total: int | None, desc: str) -> tqdm:
-    return tqdm(
-        total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, disable=not progress,
-        file=sys.stderr, dynamic_ncols=True,
-    )
 
 
 def _download(entry: ModelEntry, path: Path, progress: bool) -> None:
@@ -201,8 +171,8 @@ def _download(entry: ModelEntry, path: Path, progress: bool) -> None:
         ):
             for k, part in enumerate(entry.parts, 1):
                 tag = f"[{k}/{n}] " if n > 1 else ""
-                wheel = _pip_download(part, Path(tmp) / f"part{k}", progress, tag)
-                for chunk in _iter_member(part, wheel, progress, tag):
+                wheel = wheels.pip_download(part, Path(tmp) / f"part{k}", progress, tag)
+                for chunk in iter_member(part, wheel, progress, tag):
                     out.write(chunk)
                     digest.update(chunk)
                     size += len(chunk)
@@ -221,86 +191,3 @@ def _download(entry: ModelEntry, path: Path, progress: bool) -> None:
         partial.unlink(missing_ok=True)
 
 
-def _iter_member(part: WheelPart, wheel: Path, progress: bool, tag: str) -> Iterator[bytes]:
-    """The payload of ``wheel`` in chunks, with a progress bar over its bytes."""
-    try:
-        with zipfile.ZipFile(wheel) as zf:
-            try:
-                info = zf.getinfo(part.member)
-            except KeyError:
-                raise LeanLMError(f"wheel {wheel.name} has no member {part.member}") from None
-            with zf.open(info) as src, _bar(progress, info.file_size, f"{tag}extract {part.package}") as bar:
-                while chunk := src.read(_CHUNK):
-                    bar.update(len(chunk))
-                    yield chunk
-    except zipfile.BadZipFile as exc:
-        raise LeanLMError(f"downloaded wheel {wheel.name} is not a valid archive ({exc})") from None
-
-
-def _pip_args() -> list[str]:
-    return shlex.split(os.environ.get("LEANLM_PIP_ARGS", ""))
-
-
-def _dir_size(root: Path) -> int:
-    total = 0
-    for dirpath, _dirs, files in os.walk(root):
-        for f in files:
-            with contextlib.suppress(OSError):
-                total += os.lstat(os.path.join(dirpath, f)).st_size
-    return total
-
-
-def _pip_download(part: WheelPart, dest: Path, progress: bool, tag: str = "") -> Path:
-    """``pip download`` one wheel into ``dest``; show bytes received (pip's own temp dir, polled)."""
-    pip_tmp = dest / "pip-tmp"
-    wheels = dest / "wheels"
-    pip_tmp.mkdir(parents=True)
-    req = f"{part.package}=={part.version}"
-    cmd = [
-        sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "--no-cache-dir",
-        "--disable-pip-version-check", "--progress-bar", "off", req, "-d", str(wheels), *_pip_args(),
-    ]
-    # pip downloads into tempfile.gettempdir(): point it inside the cache so the temp data stays there
-    env = {**os.environ, "TMPDIR": str(pip_tmp), "PIP_NO_INPUT": "1"}
-    log_path = dest / "pip.log"
-    with open(log_path, "wb") as log, _bar(progress, None, f"{tag}download {part.package}") as bar:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
-        try:
-            while proc.poll() is None:
-                time.sleep(0.2)
-                if progress:
-                    bar.update(max(0, _dir_size(pip_tmp) - bar.n))
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait()
-        found = sorted(wheels.glob("*.whl")) if wheels.is_dir() else []
-        if proc.returncode == 0 and found:
-            bar.update(max(0, found[0].stat().st_size - bar.n))
-            return found[0]
-    output = log_path.read_text(errors="replace")
-    raise LeanLMError(_pip_error(req, output, proc.returncode))
-
-
-def _pip_error(req: str, output: str, returncode: int | None) -> str:
-    lines = [ln.strip() for ln in output.splitlines() if ln.strip()]
-    net = [ln for ln in lines if any(m in ln for m in _NETWORK_MARKERS)]
-    errors = [ln for ln in lines if ln.startswith("ERROR:")]
-    if net:
-        said = net[-1]  # the connection error itself
-    elif errors:
-        said = errors[0]  # pip's first ERROR line names the cause; later ones repeat it
-    else:
-        said = lines[-1] if lines else f"exit status {returncode}"
-    # "from versions: none": no index listed the package at all, i.e. none could be reached (or none is set)
-    offline = bool(net) or "(from versions: none)" in output
-    conn = re.search(r"Failed to establish a new connection: ([^'\"]+)", said)
-    if conn:
-        said = conn.group(1)
-    said = re.sub(r"^(ERROR|WARNING):\s*", "", said)
-    said = " ".join(said.split())
-    if len(said) > 200:
-        said = said[:197] + "..."
-    if offline:
-        return f"could not download {req}: no network / package index unreachable (pip said: {said})"
-    return f"could not download {req}: pip failed (pip said: {said})"

@@ -1,13 +1,10 @@
 """Tokenizer built from GGUF metadata, giving the same token ids as llama.cpp.
 
 * ``gpt2`` vocabularies (byte-level BPE): a `tokenizers` BPE with the file's merges behind the
-  pre-tokenizer regexes llama.cpp uses for ``tokenizer.ggml.pre`` (each regex splits the pieces
-  of the previous one, keeping matches and gaps; then bytes map to GPT-2 characters).
-* ``llama`` vocabularies (SentencePiece): llama.cpp's score-driven merge (merge the adjacent pair
-  forming the highest-scoring vocabulary entry, leftmost on ties; ``<0xNN>`` byte fallback),
-  written here instead of a `tokenizers` BPE because deriving the ~0.5M merges from the scores
-  takes 2-3 s for Gemma's 262k vocabulary. Text is cut before every ``▁`` that no vocabulary
-  entry can span, so words merge (and are cached) independently with the same result.
+  pre-tokenizer regexes llama.cpp uses for ``tokenizer.ggml.pre`` (gguf_vocab.py; each regex splits the
+  pieces of the previous one, keeping matches and gaps; then bytes map to GPT-2 characters).
+* ``llama`` vocabularies (SentencePiece): llama.cpp's score-driven merge (spm.py). Text is cut before every
+  ``▁`` that no vocabulary entry can span, so words merge (and are cached) independently with the same result.
 
 Special tokens are cut out first, as llama.cpp's ``tokenizer_st_partition`` does: user-defined
 tokens always, control tokens only with ``special=True``, longest first. Decoding follows
@@ -18,56 +15,27 @@ e.g. 0x04 and 0xF1) produce no ids, so such text does not survive a round trip.
 from __future__ import annotations
 
 import codecs
-import heapq
 from array import array
 from collections.abc import Sequence
 from typing import Any
 
 from leanlm.errors import LeanLMError, UnsupportedError
 from leanlm.formats.chat_template import render_chat_template
-
-NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
-
-_GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
-_LLAMA3 = (r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-           r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_QWEN2 = _LLAMA3.replace(r"\p{N}{1,3}", r"\p{N}")
+from leanlm.formats.gguf_vocab import (
+    BYTE,
+    CONTROL,
+    CONTROL_LOOKING,
+    END_OF_TURN,
+    NORMAL,
+    PRE_ALIASES,
+    PRE_TOKENIZERS,
+    UNKNOWN,
+    USER_DEFINED,
+    byte_decoder,
+)
+from leanlm.formats.spm import spm_merge
 
 _SENTINEL = "\x00leanlm-missing"  # stands for characters the vocabulary lacks (not a byte-level string)
-# tokenizer.ggml.pre -> (regexes, ignore_merges, add_bos default), as in llama.cpp's llama-vocab.cpp
-_PRE: dict[str, tuple[tuple[str, ...], bool, bool]] = {
-    "default": ((r"[\p{P}\$\+<=>\^~\|]+", _GPT2, r"\p{N}+", "[0-9][0-9][0-9]"), False, False),
-    "gpt2": ((_GPT2,), False, False),
-    "llama3": ((_LLAMA3,), True, True),
-    "dbrx": ((_LLAMA3,), False, False),
-    "qwen2": ((_QWEN2,), False, False),
-    "smollm": ((r"\p{N}", _GPT2), False, False),
-}
-_PRE_ALIASES = {
-    "": "default", "gpt-2": "gpt2", "phi-2": "gpt2", "mpt": "gpt2", "olmo": "gpt2", "jina-es": "gpt2",
-    "jina-de": "gpt2", "llama-v3": "llama3", "llama-bpe": "llama3", "falcon3": "llama3", "pixtral": "llama3",
-    "smaug-bpe": "dbrx", "deepseek-r1-qwen": "qwen2", "stablelm2": "qwen2", "megrez": "qwen2",
-    "starcoder": "smollm", "refact": "smollm", "command-r": "smollm", "codeshell": "smollm",
-    "exaone": "smollm", "minerva-7b": "smollm",
-}
-# llama.cpp treats tokens with these texts as control tokens (and as end-of-generation)
-_CONTROL_LOOKING = frozenset({
-    "<|eot_id|>", "<|im_end|>", "<|end|>", "<|return|>", "<|call|>", "<end_of_turn>", "<|endoftext|>",
-    "</s>", "<|eom_id|>", "<EOT>", "_<EOT>", "[EOT]", "[EOS]", "<|end_of_text|>", "<end_of_utterance>",
-    "<eos>", "<turn|>",
-})
-# the subset we stop generation on (llama.cpp also stops on e.g. Gemma's HTML "</s>" and FIM tokens)
-_END_OF_TURN = frozenset({
-    "<|eot_id|>", "<|im_end|>", "<|end|>", "<|return|>", "<|call|>", "<end_of_turn>", "<|endoftext|>",
-    "<|eom_id|>", "<EOT>", "<|end_of_text|>", "<end_of_utterance>",
-})
-
-
-def _byte_decoder() -> dict[str, int]:
-    """GPT-2's byte-level alphabet, char -> byte."""
-    keep = [*range(33, 127), *range(161, 173), *range(174, 256)]
-    moved = [b for b in range(256) if b not in keep]
-    return {**{chr(b): b for b in keep}, **{chr(256 + i): b for i, b in enumerate(moved)}}
 
 
 class Tokenizer:
@@ -97,18 +65,18 @@ class Tokenizer:
         add_bos_default = True
         if not spm:
             pre = md.get("tokenizer.ggml.pre", "")
-            pre = _PRE_ALIASES.get(pre, pre)
-            if pre not in _PRE:
-                raise UnsupportedError(f"pre-tokenizer {pre!r} is not supported (known: {', '.join(_PRE)})")
-            regexes, ignore_merges, add_bos_default = _PRE[pre]
+            pre = PRE_ALIASES.get(pre, pre)
+            if pre not in PRE_TOKENIZERS:
+                raise UnsupportedError(f"pre-tokenizer {pre!r} is not supported (known: {', '.join(PRE_TOKENIZERS)})")
+            regexes, ignore_merges, add_bos_default = PRE_TOKENIZERS[pre]
             self._bpe = (self._merge_pairs(md.get("tokenizer.ggml.merges") or []), regexes, ignore_merges)
             self._hf = self._build_bpe(*self._bpe)
         self.add_bos = bool(md.get("tokenizer.ggml.add_bos_token", add_bos_default)) and self.bos_id is not None
         self.add_space_prefix = bool(md.get("tokenizer.ggml.add_space_prefix", spm))
 
-        for t in _CONTROL_LOOKING & self._vocab.keys():
+        for t in CONTROL_LOOKING & self._vocab.keys():
             types[self._vocab[t]] = CONTROL
-        ends = {self._vocab[t] for t in _END_OF_TURN & self._vocab.keys()}
+        ends = {self._vocab[t] for t in END_OF_TURN & self._vocab.keys()}
         if {"<|return|>", "<|call|>"} <= self._vocab.keys():
             ends.discard(self._vocab.get("<|end|>", -1))  # gpt-oss: <|end|> closes a message, not the turn
         listed = (special_id("eot_token_id", None), special_id("eom_token_id", None), self.eos_id)
@@ -163,8 +131,8 @@ class Tokenizer:
         hf.pre_tokenizer = pre_tokenizers.Sequence(steps)
         return hf
 
-    # Saved with the model (weight_cache.py): the BPE as its inputs, not as `tokenizers`' own JSON, whose
-    # parse took 0.1 s of SmolLM2's 0.14 s load; the vocabulary is rebuilt from the token list.
+    # Saved with the model (weight_cache.py): the BPE as its inputs, not as `tokenizers`' own JSON, whose parse
+    # would be most of a cached load; the vocabulary is rebuilt from the token list.
     def __getstate__(self) -> dict[str, Any]:
         return {k: v for k, v in vars(self).items() if k not in ("_hf", "_vocab")}
 
@@ -231,52 +199,17 @@ class Tokenizer:
     def _spm_word(self, word: str) -> list[int]:
         ids = self._cache.get(word)
         if ids is None:
-            ids = self._spm_merge(word)
+            ids = spm_merge(word, self._vocab, self._scores, self._byte_ids)
             if len(word) <= 64:
                 if len(self._cache) >= 100_000:
                     self._cache.clear()
                 self._cache[word] = ids
         return ids
 
-    def _spm_merge(self, word: str) -> list[int]:
-        """llama.cpp's llm_tokenizer_spm_session: best-score adjacent merge, leftmost first."""
-        vocab, scores = self._vocab, self._scores
-        syms = list(word)
-        n = len(syms)
-        nxt = [*range(1, n), -1]
-        prv = list(range(-1, n - 1))
-        heap = []
-        for i in range(n - 1):
-            tid = vocab.get(syms[i] + syms[i + 1])
-            if tid is not None:
-                heap.append((-scores[tid], i, i + 1, 2))
-        heapq.heapify(heap)
-        while heap:
-            _, left, right, size = heapq.heappop(heap)
-            a, b = syms[left], syms[right]
-            if not a or not b or len(a) + len(b) != size:
-                continue  # stale: one side changed since this pair was queued
-            syms[left], syms[right] = a + b, ""
-            nr = nxt[left] = nxt[right]
-            if nr >= 0:
-                prv[nr] = left
-            for lft, rgt in ((prv[left], left), (left, nr)):
-                if lft >= 0 and rgt >= 0:
-                    t = syms[lft] + syms[rgt]
-                    if (tid := vocab.get(t)) is not None:
-                        heapq.heappush(heap, (-scores[tid], lft, rgt, len(t)))
-        ids: list[int] = []
-        for sym in filter(None, syms):  # merged-away symbols are empty; the rest are in text order
-            if (tid := vocab.get(sym)) is not None:
-                ids.append(tid)
-            else:
-                ids.extend(t for t in map(self._byte_ids.__getitem__, sym.encode()) if t is not None)
-        return ids
-
     def _build_pieces(self) -> tuple[bytes, array]:
         """llama_token_to_piece(special=True) for every id: one bytes object and the offset of each piece (a
         list of 262k bytes objects would hold ~14 MiB for Gemma 3)."""
-        table = str.maketrans({c: chr(b) for c, b in _byte_decoder().items()})
+        table = str.maketrans({c: chr(b) for c, b in byte_decoder().items()})
 
         def piece(tok: str, ty: int) -> bytes:
             if ty == NORMAL and self._kind == "llama":

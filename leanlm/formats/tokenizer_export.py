@@ -39,12 +39,21 @@ from typing import Any
 import gguf
 
 from leanlm.errors import LeanLMError, UnsupportedError
-from leanlm.formats.tokenizer import _GPT2, _PRE, BYTE, CONTROL, NORMAL, UNKNOWN, UNUSED, USER_DEFINED
+from leanlm.formats.gguf_vocab import (
+    BYTE,
+    CONTROL,
+    GPT2_REGEX,
+    NORMAL,
+    PRE_TOKENIZERS,
+    UNKNOWN,
+    UNUSED,
+    USER_DEFINED,
+)
 from leanlm.formats.tokenizer_hf import HFTokenizer, _flatten, _read_json, _token_text
 
 # a ByteLevel step with use_regex runs GPT-2's regex with a final "|\s+". That alternative only matches a
 # single whitespace character before a non-space one, which llama.cpp keeps as its own (gap) piece anyway.
-_BYTELEVEL_REGEX = _GPT2 + r"|\s+"
+_BYTELEVEL_REGEX = GPT2_REGEX + r"|\s+"
 _CASELESS = re.compile(r"\(\?i:([^()\[\]\\]*)\)")
 # leanlm's names for llama.cpp's pre-tokenizers that llama.cpp itself spells differently
 _LLAMA_CPP_NAME = {"gpt2": "gpt-2"}
@@ -59,7 +68,7 @@ def _canonical(pattern: str) -> str:
         return "(?:" + "".join(f"[{c.lower()}{c.upper()}]" if c.isalpha() else c for c in m[1]) + ")"
 
     pattern = _CASELESS.sub(expand, pattern)
-    return _GPT2 if pattern == _BYTELEVEL_REGEX else pattern
+    return GPT2_REGEX if pattern == _BYTELEVEL_REGEX else pattern
 
 
 def _describe(step: dict[str, Any]) -> str:
@@ -78,7 +87,7 @@ def _pre_name(steps: list[dict[str, Any]], ignore_merges: bool) -> str:
             if step is not steps[-1] or step.get("add_prefix_space"):
                 raise UnsupportedError(f"pre-tokenizer step {_describe(step)} has no llama.cpp equivalent")
             if step.get("use_regex", True):
-                regexes.append(_GPT2)
+                regexes.append(GPT2_REGEX)
                 shown.append(_BYTELEVEL_REGEX)
         elif kind == "Split" and "Regex" in pattern and step.get("behavior") == "Isolated" and not step.get("invert"):
             regexes.append(_canonical(pattern["Regex"]))
@@ -88,12 +97,12 @@ def _pre_name(steps: list[dict[str, Any]], ignore_merges: bool) -> str:
             shown.append(regexes[-1])
         else:
             raise UnsupportedError(f"pre-tokenizer step {_describe(step)} has no llama.cpp equivalent")
-    for name, (known, ignore, _) in _PRE.items():
+    for name, (known, ignore, _) in PRE_TOKENIZERS.items():
         if [_canonical(r) for r in known] == regexes and ignore == ignore_merges:
             return _LLAMA_CPP_NAME.get(name, name)
     listed = " then ".join(f"`{r}`" for r in shown) or "(none)"
     raise UnsupportedError(f"no llama.cpp pre-tokenizer splits text like the regex(es) {listed} with "
-                           f"ignore_merges={ignore_merges} (known: {', '.join(_PRE)})")
+                           f"ignore_merges={ignore_merges} (known: {', '.join(PRE_TOKENIZERS)})")
 
 
 def _space_prefix(norm: list[dict[str, Any]], pre: list[dict[str, Any]], vocab: dict[str, int]) -> bool:
@@ -169,25 +178,13 @@ def write_tokenizer(w: gguf.GGUFWriter, folder: Path) -> None:
     tok = HFTokenizer.from_folder(folder)  # also makes config-named special tokens special added tokens
     hf = tok._hf
     spec = json.loads(hf.to_str())
-    model = spec.get("model") or {}
-    if model.get("type") != "BPE":
-        raise UnsupportedError(f"tokenizer model {model.get('type')!r} is not supported for GGUF (only BPE)")
-    for key in ("dropout", "continuing_subword_prefix", "end_of_word_suffix"):
-        if model.get(key):
-            raise UnsupportedError(f"BPE with {key}={model[key]!r} has no llama.cpp equivalent")
+    model = _bpe_model(spec)
     config = _read_json(folder / "tokenizer_config.json")
     model_vocab: dict[str, int] = model.get("vocab") or {}
     vocab = hf.get_vocab(with_added_tokens=True)
     added = hf.get_added_tokens_decoder()
     n = _vocab_size(folder, model_vocab, max(vocab.values(), default=-1) + 1)
-
-    tokens, types = [f"[PAD{i}]" for i in range(n)], [UNUSED] * n
-    for text, i in vocab.items():
-        if i < n:  # added tokens beyond the embedding cannot be used by the model: left out
-            tokens[i], types[i] = text, NORMAL
-    for i, t in added.items():
-        if i < n:
-            types[i] = CONTROL if t.special else USER_DEFINED
+    tokens, types = _token_table(vocab, added, n)
 
     def token_id(text: str | None) -> int | None:
         i = vocab.get(text) if text is not None else None
@@ -198,16 +195,8 @@ def write_tokenizer(w: gguf.GGUFWriter, folder: Path) -> None:
     norm = _flatten(spec.get("normalizer") or {}, "normalizers")
     pre = _flatten(spec.get("pre_tokenizer") or {}, "pretokenizers")
     if model.get("byte_fallback"):
-        missing = [f"<0x{b:02X}>" for b in range(256) if f"<0x{b:02X}>" not in vocab]
-        if missing:
-            raise UnsupportedError(f"byte-fallback BPE without the byte token(s) {', '.join(missing[:4])}: llama.cpp "
-                                   "needs all 256")
+        _mark_spm_types(tokens, types, vocab, unk)
         add_prefix = _space_prefix(norm, pre, model_vocab)
-        for i, text in enumerate(tokens):
-            if types[i] == NORMAL and len(text) == 6 and re.fullmatch(r"<0x[0-9A-F]{2}>", text):
-                types[i] = BYTE
-        if unk is not None:
-            types[unk] = UNKNOWN
         if any(s.get("type") == "Replace" for s in norm):  # HF finds these in text whose spaces are '▁' already
             for i, t in added.items():
                 if i < n and not t.special and t.normalized:
@@ -237,3 +226,39 @@ def write_tokenizer(w: gguf.GGUFWriter, folder: Path) -> None:
     w.add_add_eos_token(_add_eos(hf, config, tok.eos_id))
     if tok.chat_template:
         w.add_chat_template(tok.chat_template)
+
+
+def _bpe_model(spec: dict[str, Any]) -> dict[str, Any]:
+    """tokenizer.json's model, refused unless it is a BPE llama.cpp can run."""
+    model = spec.get("model") or {}
+    if model.get("type") != "BPE":
+        raise UnsupportedError(f"tokenizer model {model.get('type')!r} is not supported for GGUF (only BPE)")
+    for key in ("dropout", "continuing_subword_prefix", "end_of_word_suffix"):
+        if model.get(key):
+            raise UnsupportedError(f"BPE with {key}={model[key]!r} has no llama.cpp equivalent")
+    return model
+
+
+def _token_table(vocab: dict[str, int], added: dict[int, Any], n: int) -> tuple[list[str], list[int]]:
+    """Every id's text and GGUF token type; ids the vocabulary leaves free are unused [PADi] entries."""
+    tokens, types = [f"[PAD{i}]" for i in range(n)], [UNUSED] * n
+    for text, i in vocab.items():
+        if i < n:  # added tokens beyond the embedding cannot be used by the model: left out
+            tokens[i], types[i] = text, NORMAL
+    for i, t in added.items():
+        if i < n:
+            types[i] = CONTROL if t.special else USER_DEFINED
+    return tokens, types
+
+
+def _mark_spm_types(tokens: list[str], types: list[int], vocab: dict[str, int], unk: int | None) -> None:
+    """Byte-fallback BPE as SentencePiece: the 256 <0xNN> tokens become BYTE, the unknown token UNKNOWN."""
+    missing = [f"<0x{b:02X}>" for b in range(256) if f"<0x{b:02X}>" not in vocab]
+    if missing:
+        raise UnsupportedError(f"byte-fallback BPE without the byte token(s) {', '.join(missing[:4])}: llama.cpp "
+                               "needs all 256")
+    for i, text in enumerate(tokens):
+        if types[i] == NORMAL and len(text) == 6 and re.fullmatch(r"<0x[0-9A-F]{2}>", text):
+            types[i] = BYTE
+    if unk is not None:
+        types[unk] = UNKNOWN

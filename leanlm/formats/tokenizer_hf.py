@@ -27,10 +27,10 @@ from typing import Any
 
 from leanlm.errors import LeanLMError
 from leanlm.formats.chat_template import render_chat_template
-from leanlm.formats.tokenizer import _END_OF_TURN, _byte_decoder
+from leanlm.formats.gguf_vocab import END_OF_TURN, byte_decoder
 
 _BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
-_BYTES = _byte_decoder()  # GPT-2's byte-level alphabet, char -> byte
+_BYTES = byte_decoder()  # GPT-2's byte-level alphabet, char -> byte
 _NAMED_SPECIALS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
 
@@ -153,7 +153,7 @@ class HFTokenizer:
         add_bos = add_bos if isinstance(add_bos, bool) else lead is not None and lead == bos
         self.add_bos: bool = add_bos and bos is not None
 
-        ends = {vocab[t] for t in _END_OF_TURN & vocab.keys()}
+        ends = {vocab[t] for t in END_OF_TURN & vocab.keys()}
         if {"<|return|>", "<|call|>"} <= vocab.keys():
             ends.discard(vocab.get("<|end|>", -1))  # gpt-oss: <|end|> closes a message, not the turn
         listed = [*gen_eos, *([self.eos_id] if self.eos_id is not None else [])]

@@ -30,7 +30,6 @@ from torch import nn
 
 from leanlm.kernels import build as native
 from leanlm.kernels.build import int4_dense
-from leanlm.quant.dequant import _k4_scales as _k4_scales  # re-exported: moved to dequant.py
 
 Q = GGMLQuantizationType
 INT4_TYPES = (Q.Q4_0, Q.Q4_1, Q.Q4_K)

@@ -32,8 +32,8 @@ import torch
 from gguf import GGMLQuantizationType
 
 from leanlm.formats.gguf_file import GGUFFile
-from leanlm.quant.dequant import _f16, _high_bits, _nibbles
-from leanlm.quant.int4 import GROUP, Int4Linear, Int4Parts, _k4_scales
+from leanlm.quant.dequant import _f16, _high_bits, _k4_scales, _nibbles
+from leanlm.quant.int4 import GROUP, Int4Linear, Int4Parts
 
 Q = GGMLQuantizationType
 REPACKED = (Q.Q4_0, Q.Q4_1, Q.Q4_K, Q.Q5_0, Q.Q5_1, Q.Q5_K, Q.Q8_0, Q.Q6_K, Q.Q3_K, Q.Q2_K)
@@ -111,6 +111,11 @@ def repack(raw: torch.Tensor, t: GGMLQuantizationType, N: int, K: int) -> Int4Pa
         qs = b[:, 2:].view(torch.int8).int()
         return Int4Parts(_planes(N, qs & 15, (qs >> 4) + 8, 32), _sz(N, d, 16 * d), _sz(N, 8 * d, 0 * d), 32,
                          (1.0, 1.0), ((qs + 128).view(N, K), d, -128 * d))
+    return _repack_kquant(b, t, N, K)
+
+
+def _repack_kquant(b: torch.Tensor, t: GGMLQuantizationType, N: int, K: int) -> Int4Parts:
+    """`repack` for the K-quants: super-blocks of 256 weights in 16- or 32-weight sub-blocks."""
     if t in (Q.Q4_K, Q.Q5_K):  # super-blocks of 256: d, dmin, 12 bytes of 6-bit scales and mins, codes
         d, dmin = _f16(b[:, :2]), _f16(b[:, 2:4])  # (B, 1)
         sc, mn = _k4_scales(b[:, 4:16])  # (B, 8)

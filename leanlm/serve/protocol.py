@@ -1,6 +1,6 @@
 """The OpenAI wire format: request models (validated by pydantic) and response builders.
 
-Kept apart from the routes (app.py). Unknown fields are accepted and ignored, as OpenAI-compatible
+Kept apart from the routes (routes.py). Unknown fields are accepted and ignored, as OpenAI-compatible
 servers do (clients send extras like `user`), except where ignoring one would change the output: those
 are refused with a 400 naming the field (`unsupported`).
 """
@@ -148,6 +148,15 @@ def new_id(prefix: str) -> str:
 
 def usage(prompt: int, completion: int) -> dict[str, int]:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+class APIError(Exception):
+    """A request the server refuses: raised anywhere under a route, answered as an OpenAI error body."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 type_: str = "invalid_request_error") -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type_
 
 
 def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None,

@@ -150,15 +150,15 @@ def cmd_quantize(a: argparse.Namespace) -> None:
 
 
 def cmd_distill(a: argparse.Namespace) -> None:
-    from leanlm.tools.distill import distill_checkpoint, plot_losses
+    from leanlm.tools.distill import TrainConfig, distill_checkpoint, plot_losses
 
     try:
         layers = [int(x) for x in a.layers.split(",")] if a.layers else None
     except ValueError:
         raise LeanLMError(f"--layers wants comma-separated block indices such as 0,2,4, not '{a.layers}'") from None
-    r = distill_checkpoint(a.teacher, a.data, a.out, keep=a.keep, layers=layers, steps=a.steps, lr=a.lr,
-                           temperature=a.temperature, seq_len=a.seq_len, batch=a.batch,
-                           eval_fraction=a.eval_fraction, ftype=a.type)
+    config = TrainConfig(steps=a.steps, lr=a.lr, temperature=a.temperature, batch=a.batch, seq_len=a.seq_len,
+                         eval_fraction=a.eval_fraction)
+    r = distill_checkpoint(a.teacher, a.data, a.out, keep=a.keep, layers=layers, config=config, ftype=a.type)
     if a.plot:
         plot_losses(r, a.plot)
     print(r.summary())

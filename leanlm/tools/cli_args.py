@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 
 def _add_model(p: argparse.ArgumentParser, optional: bool = False) -> None:
-    from leanlm.formats.hub import DEFAULT_MODEL
+    from leanlm.formats.catalog import DEFAULT_MODEL
 
     help_ = "registry name, .gguf file or checkpoint folder"
     if optional:
@@ -54,10 +55,23 @@ def _add_speculation(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="leanlm", description="A lean, fast LLM runtime.")
     sub = p.add_subparsers(dest="command", required=True)
+    for add in (_pull_command, _list_command, _run_command, _chat_command, _tokenize_command, _perplexity_command,
+                _quantize_command, _distill_command, _plan_command, _bench_command, _serve_command):  # help order
+        add(sub)
+    return p
+
+
+def _pull_command(sub: Any) -> None:
     s = sub.add_parser("pull", help="download a registry model into the cache")
     s.add_argument("name")
     s.add_argument("--force", action="store_true", help="download again even if cached")
+
+
+def _list_command(sub: Any) -> None:
     sub.add_parser("list", help="show cached models")
+
+
+def _run_command(sub: Any) -> None:
     s = sub.add_parser("run", help="answer one prompt, streaming to stdout")
     _add_model(s, optional=True)
     s.add_argument("prompt", nargs="?", default="Write a haiku about a small fast language model.")
@@ -66,15 +80,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="split every block over the processes torchrun started (dense --dtype float32 or bfloat16)")
     _add_sampling(s)
     _add_speculation(s)
+
+
+def _chat_command(sub: Any) -> None:
     s = sub.add_parser("chat", help="interactive chat (/reset, /exit; Ctrl-C stops a reply)")
     _add_model(s, optional=True)
     s.add_argument("--system", default=None, help="system prompt")
     _add_sampling(s)
     _add_speculation(s)
+
+
+def _tokenize_command(sub: Any) -> None:
     s = sub.add_parser("tokenize", help="print token ids as JSON (no BOS)")
     s.add_argument("model")
     s.add_argument("text")
     s.add_argument("--special", action="store_true", help="parse special tokens in the text")
+
+
+def _perplexity_command(sub: Any) -> None:
     s = sub.add_parser("perplexity", help="perplexity of a text file, computed as llama.cpp's tool does")
     _add_model(s)
     s.add_argument("--file", required=True, help="UTF-8 text file")
@@ -82,8 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--chunks", type=int, default=None, help="score only the first N windows")
     s.add_argument("--reference", default=None, help="also report KL divergence and top-1 agreement vs this model")
     s.add_argument("--json", action="store_true", help="print one JSON object")
-    from leanlm.tools.quantize import METHODS, TYPES
 
+
+def _quantize_command(sub: Any) -> None:
+    from leanlm.tools.quantize import METHODS, TYPES
     s = sub.add_parser("quantize", help="write a GGUF file (llama.cpp reads it too) in a quantized type")
     s.add_argument("src", help="registry name, .gguf file (any type) or checkpoint folder")
     s.add_argument("dst", help="output .gguf path")
@@ -91,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--method", default="rtn", choices=METHODS, help="round-to-nearest, GPTQ or AWQ (default rtn)")
     s.add_argument("--calibration", default=None, help="UTF-8 text file for gptq/awq")
     s.add_argument("--calib-tokens", type=int, default=8192, help="calibration tokens to use (default 8192)")
+
+
+def _distill_command(sub: Any) -> None:
     s = sub.add_parser("distill", help="train a smaller student (some of the teacher's blocks) to match the teacher")
     s.add_argument("teacher", help="registry name, .gguf file or checkpoint folder")
     s.add_argument("--data", required=True, help="UTF-8 text file to train on (its last part is held out)")
@@ -105,12 +133,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--eval-fraction", type=float, default=0.1, help="held-out share of the text (default 0.1)")
     s.add_argument("--type", default="f16", choices=["f16", "f32"], help="student weights' type (default f16)")
     s.add_argument("--plot", default=None, metavar="FILE.png", help="plot the training loss")
+
+
+def _plan_command(sub: Any) -> None:
     s = sub.add_parser("plan", help="memory for B sequences of C positions, or the most sequences a budget holds")
     _add_model(s, optional=True)
     s.add_argument("--ctx", type=int, default=2048, help="positions per sequence (default 2048)")
     s.add_argument("--batch", type=int, default=None, help="sequences decoded together")
     s.add_argument("--memory", default=None, help="or a budget such as 4GiB: the most sequences that fit")
     s.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def _bench_command(sub: Any) -> None:
     s = sub.add_parser("bench", help="prefill/decode speed, time to first token, memory, bandwidth (vs llama.cpp)")
     _add_model(s, optional=True)
     s.add_argument("--prompt-tokens", type=int, default=256, help="synthetic prompt length (default 256)")
@@ -124,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--repeat", type=int, default=1, metavar="N",
                    help="run each engine N times, alternating, and report medians (default 1)")
     s.set_defaults(compile="on")
+
+
+def _serve_command(sub: Any) -> None:
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching")
     _add_model(s, optional=True)
     s.add_argument("--host", default="127.0.0.1")
@@ -136,4 +173,3 @@ def build_parser() -> argparse.ArgumentParser:
     _add_speculation(s)
     s.add_argument("--speculate-max-batch", type=int, default=2, metavar="N",
                    help="draft only while at most N sequences decode (default 2; 0 = always)")
-    return p

@@ -26,6 +26,19 @@ from leanlm.errors import LeanLMError
 from leanlm.model.transformer import Transformer
 
 
+@dataclass(frozen=True)
+class TrainConfig:
+    """How the student is trained: AdamW `steps` (warm-up, then cosine from `lr`), `batch` windows of `seq_len`
+    tokens a step, both distributions softened by `temperature`; `eval_fraction` of the text is held out."""
+
+    steps: int = 200
+    lr: float = 1e-4
+    temperature: float = 2.0
+    batch: int = 1
+    seq_len: int = 256
+    eval_fraction: float = 0.1
+
+
 @dataclass
 class DistillReport:
     layers: list[int]  # the teacher's blocks the student kept
@@ -100,10 +113,10 @@ def evaluate(student: Transformer, teacher: Transformer, windows: list[torch.Ten
 
 
 def distill(teacher: Transformer, student: Transformer, train: list[torch.Tensor], held_out: list[torch.Tensor],
-            steps: int, lr: float = 1e-4, temperature: float = 2.0, batch: int = 1,
-            on_step: Callable[[int, float], None] | None = None) -> DistillReport:
-    """Train `student` in place on windows `train` (each (1, L), cycled `batch` at a time) for `steps`
-    AdamW steps with a warm-up then cosine learning rate; report before/after on `held_out`."""
+            config: TrainConfig, on_step: Callable[[int, float], None] | None = None) -> DistillReport:
+    """Train `student` in place on windows `train` (each (1, L), cycled `config.batch` at a time) for
+    `config.steps` AdamW steps with a warm-up then cosine learning rate; report before/after on `held_out`."""
+    steps, batch = config.steps, config.batch
     if not train or not held_out:
         raise LeanLMError("distillation needs training and held-out windows: the text is too short")
     if steps < 1:
@@ -111,7 +124,7 @@ def distill(teacher: Transformer, student: Transformer, train: list[torch.Tensor
     teacher.eval().requires_grad_(False)
     report = DistillReport([], (_count(teacher), _count(student)))
     report.before = evaluate(student, teacher, held_out)
-    opt = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(student.parameters(), lr=config.lr, weight_decay=0.0)
     warm = max(1, steps // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda i: min(1.0, (i + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(i, steps) / steps)))
@@ -122,7 +135,7 @@ def distill(teacher: Transformer, student: Transformer, train: list[torch.Tensor
         pos = torch.arange(ids.shape[1]).expand(ids.shape[0], -1)
         with torch.no_grad():
             target = teacher(ids, pos)
-        loss = kd_loss(student(ids, pos), target, temperature)
+        loss = kd_loss(student(ids, pos), target, config.temperature)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
@@ -162,9 +175,8 @@ def plot_losses(report: DistillReport, path: str | Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def distill_checkpoint(src: str | Path, data: str | Path, out: str | Path, keep: int | None = None,
-                       layers: list[int] | None = None, steps: int = 200, lr: float = 1e-4, temperature: float = 2.0,
-                       seq_len: int = 256, batch: int = 1, eval_fraction: float = 0.1, ftype: str = "f16",
+def distill_checkpoint(src: str | Path, data: str | Path, out: str | Path, *, keep: int | None = None,
+                       layers: list[int] | None = None, config: TrainConfig = TrainConfig(), ftype: str = "f16",
                        progress: bool = True) -> DistillReport:
     """Distill teacher checkpoint `src` (GGUF file, HF folder or registry name) into a student GGUF `out` that
     leanlm and llama.cpp load, training on the UTF-8 text file `data`. The student keeps `layers` of the
@@ -179,6 +191,7 @@ def distill_checkpoint(src: str | Path, data: str | Path, out: str | Path, keep:
     src, data, out = resolve_model(str(src), progress=progress), Path(data), Path(out)
     if not data.is_file():
         raise LeanLMError(f"no such text file: {data}")
+    seq_len, eval_fraction = config.seq_len, config.eval_fraction
     if not 0 < eval_fraction < 1:
         raise LeanLMError("--eval-fraction must be between 0 and 1")
     teacher, tok = load_model(src, torch.float32)
@@ -189,13 +202,13 @@ def distill_checkpoint(src: str | Path, data: str | Path, out: str | Path, keep:
     split = int(len(ids) * (1 - eval_fraction))
     bos = tok.bos_id if getattr(tok, "add_bos", False) else None
     train, held_out = windows(ids[:split], seq_len, split, bos), windows(ids[split:], seq_len, len(ids) - split, bos)
-    bar = tqdm(total=steps, desc="distilling", unit="step", disable=not progress)
+    bar = tqdm(total=config.steps, desc="distilling", unit="step", disable=not progress)
 
     def on_step(step: int, loss: float) -> None:
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}")
 
-    report = distill(teacher, student, train, held_out, steps, lr, temperature, batch, on_step)
+    report = distill(teacher, student, train, held_out, config, on_step)
     bar.close()
     report.layers = layers
 

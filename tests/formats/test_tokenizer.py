@@ -44,8 +44,8 @@ def _recorded(name: str) -> dict:
 
 
 @pytest.fixture(params=["smol", "gemma"])
-def name(request: pytest.FixtureRequest) -> str:
-    _model_path(request.param)
+def name(request: pytest.FixtureRequest, smol_path: Path, gemma_path: Path) -> str:
+    """Both real models (conftest's fixtures, which also mark these tests real_model)."""
     return request.param
 
 
@@ -139,8 +139,7 @@ CONVERSATION = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "
                 {"role": "user", "content": "What is 2+2?"}]
 
 
-def test_smol_chat_template() -> None:
-    _model_path("smol")
+def test_smol_chat_template(smol_path: Path) -> None:
     tok = _tok("smol")
     assert tok.chat_template is not None
     assert tok.apply_chat_template(CONVERSATION) == SMOL_RENDERED
@@ -150,8 +149,7 @@ def test_smol_chat_template() -> None:
     assert ids[0] == 1 and ids.count(1) == 5 and ids.count(2) == 4  # <|im_start|>, <|im_end|> as single ids
 
 
-def test_smol_chat_template_matches_transformers() -> None:
-    _model_path("smol")
+def test_smol_chat_template_matches_transformers(smol_path: Path) -> None:
     utils = pytest.importorskip("transformers.utils.chat_template_utils")
     tok = _tok("smol")
     for conv in (CONVERSATION, [{"role": "system", "content": "Be brief."}, *CONVERSATION]):
@@ -162,8 +160,7 @@ def test_smol_chat_template_matches_transformers() -> None:
             assert tok.apply_chat_template(conv, add_generation_prompt=gen) == rendered[0]
 
 
-def test_gemma_fallback_template() -> None:
-    _model_path("gemma")
+def test_gemma_fallback_template(gemma_path: Path) -> None:
     tok = _tok("gemma")
     assert tok.chat_template is None
     conv = [{"role": "system", "content": "You are terse."}, *CONVERSATION]
@@ -179,8 +176,7 @@ def test_gemma_fallback_template() -> None:
         tok.apply_chat_template([{"role": "assistant", "content": "x"}])
 
 
-def test_file_template_bos_is_not_doubled() -> None:
-    _model_path("gemma")
+def test_file_template_bos_is_not_doubled(gemma_path: Path) -> None:
     md = dict(_metadata("gemma"), **{"tokenizer.chat_template": "{{ bos_token }}{{ messages[0]['content'] }}"})
     tok = Tokenizer.from_gguf_metadata(md)
     prompt = tok.apply_chat_template([{"role": "user", "content": "hi"}])

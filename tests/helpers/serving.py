@@ -17,7 +17,7 @@ from leanlm.serve.engine import Engine
 
 
 @contextlib.contextmanager
-def running_server(llm: leanlm.LLM, name: str = "smol", max_batch: int = 4, api_key: str | None = None,
+def running_server(llm: leanlm.LLM, name: str = "smol", *, max_batch: int = 4, api_key: str | None = None,
                    max_len: int = 512, chunk: int = 64, speculation: Speculation | None = None) -> Iterator[str]:
     """Yield the server's base URL; the engine runs in its own thread (as `Engine.start` explains)."""
     engine = Engine(llm, max_batch=max_batch, max_len=max_len, chunk=chunk, speculation=speculation)

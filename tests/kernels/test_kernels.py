@@ -6,6 +6,7 @@ import os
 
 import pytest
 import torch
+from helpers import needs_cpu
 
 from leanlm.kernels import build as native
 
@@ -80,7 +81,7 @@ def test_loading_the_kernels_keeps_subnormal_floats() -> None:
 
 
 # --- 4-bit weights on VNNI (kernels/int4_vnni.cpp) --------------------------------------------------------------
-needs_vnni = pytest.mark.skipif(not native.int4_vnni(), reason="no AVX-512 VNNI here (PyTorch's int4 kernel runs)")
+needs_vnni = needs_cpu("vnni", available=native.int4_vnni(), reason="no AVX-512 VNNI here (PyTorch's int4 kernel runs)")
 
 
 def test_int4_vnni_is_used_where_the_cpu_has_it() -> None:
@@ -152,6 +153,7 @@ def test_int4_vnni_dense_and_fused_modules(monkeypatch: pytest.MonkeyPatch) -> N
 
 
 # --- few-query attention (kernels/attention.cpp) ----------------------------------------------------------------
+@pytest.mark.avx512
 @pytest.mark.skipif(not native.attention(), reason="no AVX-512 BF16 here (the fp32 reductions in model.py run)")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(("B", "H", "KV", "T", "hd", "S"), [(2, 9, 3, 5, 64, 300), (1, 4, 1, 3, 256, 33),
@@ -176,6 +178,7 @@ def test_attention_operator_is_the_reference_math(dtype: torch.dtype, B: int, H:
 
 
 # --- prompt attention (kernels/flash.cpp) ------------------------------------------------------------------------
+@pytest.mark.avx512
 @pytest.mark.skipif(not native.flash_attention(), reason="no AVX-512 BF16 here (SDPA runs)")
 @pytest.mark.parametrize(("B", "H", "KV", "T", "hd", "S", "window", "rolling"),
                          [(1, 4, 1, 100, 256, 300, 64, False), (2, 9, 3, 37, 64, 70, None, False),
@@ -232,6 +235,7 @@ def test_int4_vnni_rows_do_not_depend_on_their_company() -> None:
         assert torch.equal(lin(x[i:i + 1]), together[i:i + 1])
 
 
+@pytest.mark.amx
 @pytest.mark.skipif(not native.amx(), reason="no AMX here (or not granted to this process)")
 @pytest.mark.parametrize(("n", "k", "bits"), [(48, 576, 4), (40, 640, 5), (32, 96, 6), (32, 640, 8)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -248,6 +252,7 @@ def test_amx_tiles_score_exactly_like_the_vnni_loops(n: int, k: int, bits: int, 
         assert torch.equal(lin(x[:m]), ref)
 
 
+@pytest.mark.amx
 @pytest.mark.skipif(not native.amx(), reason="no AMX here (or not granted to this process)")
 def test_amx_tiles_with_16_wide_scales(monkeypatch: pytest.MonkeyPatch) -> None:
     """Q6_K's half-group scales on AMX: two products per group, the same bits as the VNNI loops."""
@@ -267,6 +272,7 @@ def test_amx_tiles_with_16_wide_scales(monkeypatch: pytest.MonkeyPatch) -> None:
     assert torch.equal(lin(x), ref)
 
 
+@pytest.mark.vnni
 @pytest.mark.skipif(not native.int8_head(), reason="no AVX-512 VNNI here (native.int8_matmul runs)")
 @pytest.mark.parametrize(("m", "k"), [(1, 576), (3, 640), (5, 64), (9, 576)])
 def test_int8_head_is_exact_integer_math(m: int, k: int) -> None:
@@ -317,6 +323,7 @@ def test_int4_vnni_16_wide_scales(m: int) -> None:
 
 
 # --- row operators (kernels/rowops.cpp) ----------------------------------------------------------------------
+@pytest.mark.avx512
 @pytest.mark.skipif(not native.argmax(), reason="no AVX-512 here (torch.argmax runs)")
 @pytest.mark.parametrize("V", [1, 17, 49152, 262147])
 def test_argmax_operator_is_torch_argmax(V: int) -> None:
@@ -335,6 +342,7 @@ def test_argmax_operator_is_torch_argmax(V: int) -> None:
     assert torch.equal(torch.ops.leanlm_native.argmax(x), x.argmax(-1))
 
 
+@pytest.mark.avx512
 @pytest.mark.skipif(not native.row_ops(), reason="no AVX-512 BF16 here (model.py's PyTorch ops run)")
 def test_row_operators_match_pytorch() -> None:
     """rms_norm and gated activations on bf16 rows: the fp32 (norm) and float64 (activations) results rounded

@@ -10,8 +10,8 @@ from helpers.tiny_models import random_transformer
 from leanlm.kernels import build as native
 from leanlm.model.cache import BLOCK, KVBuffer, ModelCache, key_rows
 
-pytestmark = pytest.mark.skipif(not (native.attention() and native.flash_attention()),
-                                reason="no AVX-512 BF16 here (keys stay in rows)")
+pytestmark = [pytest.mark.avx512, pytest.mark.skipif(not (native.attention() and native.flash_attention()),
+                                                     reason="no AVX-512 BF16 here (keys stay in rows)")]
 
 
 def blocked(k: torch.Tensor) -> torch.Tensor:

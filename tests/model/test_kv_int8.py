@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import FIXTURES
+from helpers import FIXTURES, needs_cpu
 from helpers.tiny_models import random_transformer
 
 from leanlm.errors import LeanLMError
@@ -14,7 +14,7 @@ from leanlm.kernels import build as native
 from leanlm.model.cache import KVBuffer, ModelCache
 from leanlm.model.kv_int8 import Int8KVBuffer, quantize_rows
 
-needs_kernels = pytest.mark.skipif(not native.int8_attention(), reason="no AVX-512 VNNI/BF16 here")
+needs_kernels = needs_cpu("vnni", "avx512", available=native.int8_attention(), reason="no AVX-512 VNNI/BF16 here")
 
 
 def test_rows_quantize_to_codes_within_half_a_step() -> None:

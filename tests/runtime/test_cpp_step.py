@@ -18,7 +18,8 @@ from leanlm.quant.int8 import Int8Embedding, Int8Linear, quantize_rows
 from leanlm.runtime.steps import compiled
 from leanlm.runtime.steps import cpp as native_step
 
-pytestmark = pytest.mark.skipif(not native_step.available(), reason="needs our C++ operators (AVX-512 VNNI, BF16)")
+pytestmark = [pytest.mark.vnni, pytest.mark.avx512,
+              pytest.mark.skipif(not native_step.available(), reason="needs our C++ operators (AVX-512 VNNI, BF16)")]
 
 
 def int4(lin: nn.Linear) -> Int4Linear:
@@ -54,7 +55,7 @@ def quantized(gemma: bool, fuse: bool = True, head_dim: int = 16) -> Transformer
     return m
 
 
-def run(m: Transformer, step: compiled.DecodeStep, ids: torch.Tensor, lag: torch.Tensor, blocks: list[int],
+def run(m: Transformer, step: compiled.DecodeStep, ids: torch.Tensor, lag: torch.Tensor, blocks: list[int], *,
         max_len: int = 40, chunk: int = 6) -> tuple[list[torch.Tensor], ModelCache]:
     """Prefill 6 tokens per row eagerly, then feed blocks of T tokens through `step` (rows `lag` positions
     behind row 0); the logits of every block (B, T, V), and the cache."""

@@ -16,7 +16,7 @@ import pytest
 
 import leanlm
 from leanlm.runtime.generate import generate_ids
-from leanlm.tools import bench
+from leanlm.tools import bench, bench_engines, bench_report
 from leanlm.tools.bench_engines import gguf_weight_bytes
 from leanlm.tools.cli import main
 
@@ -83,7 +83,7 @@ def test_plot_is_a_png(report: tuple[dict[str, Any], Path]) -> None:
 
 
 def test_table_prints_every_batch(report: tuple[dict[str, Any], Path], capsys: pytest.CaptureFixture[str]) -> None:
-    bench.print_table(json.loads(json.dumps(report[0])))
+    bench_report.print_table(json.loads(json.dumps(report[0])))
     text = capsys.readouterr().out
     assert "batch 1   decode tok/s" in text and "batch 2   time to first token (s)" in text
     assert ("leanlm/llama.cpp" in text) == COMPARE
@@ -106,9 +106,9 @@ def test_batched_greedy_decode_matches_single_sequence(smol_path: Path, one_thre
     greedy = lambda logits, hist: logits.float().argmax(-1)
     want = list(generate_ids(llm.model, prompt, greedy, 6, chunk=8))
     for b in (1, 3):
-        ids, ttft, decode_s = bench.greedy_batch(llm.model, prompt, b, 6, chunk=8)  # chunked prefill too
+        ids, ttft, decode_s = bench_engines.greedy_batch(llm.model, prompt, b, 6, chunk=8)  # chunked prefill too
         assert ids == [want] * b and ttft > 0 and decode_s > 0
-    total, per_step = bench.weight_bytes(llm.model)
+    total, per_step = bench_engines.weight_bytes(llm.model)
     assert per_step == total  # SmolLM2 ties its embedding to the head: the table is read every step
 
 
@@ -152,7 +152,7 @@ def test_compare_needs_a_gguf_file(tmp_path: Path, monkeypatch: pytest.MonkeyPat
 
 
 def test_default_model_is_the_registry_default() -> None:
-    from leanlm.formats.hub import DEFAULT_MODEL
+    from leanlm.formats.catalog import DEFAULT_MODEL
     from leanlm.tools.cli import build_parser
 
     a = build_parser().parse_args(["bench"])

@@ -15,7 +15,7 @@ from helpers import FIXTURES
 from helpers.tiny_models import random_transformer, write_tiny_mistral
 
 from leanlm.errors import LeanLMError
-from leanlm.tools.distill import distill, init_student, kd_loss, keep_every
+from leanlm.tools.distill import TrainConfig, distill, init_student, kd_loss, keep_every
 
 
 def test_keep_every_spreads_blocks_and_keeps_both_ends() -> None:
@@ -58,7 +58,7 @@ def test_distillation_brings_the_student_closer_on_held_out_text() -> None:
     text = torch.randint(0, 64, (1, 24 * 40), generator=g)  # 40 windows of 24 tokens: 32 train, 8 held out
     windows = list(text.view(40, 1, 24))
     student = init_student(teacher, [0, 2])
-    r = distill(teacher, student, windows[:32], windows[32:], steps=60, lr=3e-3, temperature=1.0, batch=4)
+    r = distill(teacher, student, windows[:32], windows[32:], TrainConfig(steps=60, lr=3e-3, temperature=1.0, batch=4))
     assert len(r.losses) == 60 and r.params[1] < r.params[0]
     assert r.after["kl"] < 0.5 * r.before["kl"]  # held-out windows, never trained on
     assert abs(r.after["teacher_ppl"] - r.before["teacher_ppl"]) < 1e-6 * r.before["teacher_ppl"]  # untouched

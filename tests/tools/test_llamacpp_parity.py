@@ -40,6 +40,7 @@ from leanlm.runtime.generate import generate_ids
 from leanlm.runtime.sampling import SamplingParams, sample
 
 MODELS = {"smollm2": "smol_path", "gemma3": "gemma_path"}  # fixture file suffix -> path fixture
+pytestmark = pytest.mark.real_model  # `run` asks for the path fixtures by name, out of conftest's sight
 N_CASES = 5
 TOP_K = 5
 GREEDY = SamplingParams(temperature=0)

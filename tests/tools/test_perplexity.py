@@ -72,6 +72,7 @@ def test_gemma3_ctx1024_first_chunks_match_llamacpp(gemma_path: Path, dtype: str
 
 
 @pytest.mark.slow
+@pytest.mark.real_model  # the path fixture is asked for by name, out of conftest's sight
 @pytest.mark.parametrize("name, ctx", [("smollm2", 512), ("smollm2", 1024), ("gemma3", 1024)])
 def test_whole_text_matches_llamacpp(name: str, ctx: int, request: pytest.FixtureRequest) -> None:
     path = request.getfixturevalue("smol_path" if name == "smollm2" else "gemma_path")

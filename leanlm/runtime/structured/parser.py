@@ -93,64 +93,78 @@ def finish(stack: Stack, result: bytes | None) -> list[Stack]:
 
 def feed(stack: Stack, b: int) -> list[Stack]:
     """Stacks after consuming byte b (empty if b is not allowed)."""
-    top, rest = stack[-1], stack[:-1]
-    kind = top[0]
-    if kind == "s":
-        _, lo, hi, count, esc, pending = top
-        if pending:  # low 2 bits: continuation bytes due; above: UTF8_NEXT's range for the next one
-            low, high = UTF8_NEXT[pending >> 2]
-            return [rest + (("s", lo, hi, count, 0, (pending & 3) - 1),)] if low <= b <= high else []
-        if esc == 1:
-            if b in ESCAPES:
-                return [rest + (("s", lo, hi, _count(top), 0, 0),)]
-            return [rest + (("s", lo, hi, count, 2, 0),)] if b == 0x75 else []
-        if esc:
-            if b not in HEX:
-                return []
-            return [rest + (("s", lo, hi, _count(top), 0, 0) if esc == 5 else ("s", lo, hi, count, esc + 1, 0),)]
-        if b == 0x22:
-            return finish(rest, None) if count >= lo else []
-        if hi is not None and count >= hi or b < 0x20:
-            return []
-        if b == 0x5C:
-            return [rest + (("s", lo, hi, count, 1, 0),)]
-        if b < 0x80:
-            return [rest + (("s", lo, hi, _count(top), 0, 0),)]
-        more = 1 if 0xC2 <= b < 0xE0 else 2 if 0xE0 <= b < 0xF0 else 3 if 0xF0 <= b < 0xF5 else 0
-        more |= {0xE0: 1, 0xED: 2, 0xF0: 3, 0xF4: 4}.get(b, 0) << 2
-        return [rest + (("s", lo, hi, _count(top), 0, more),)] if more else []
-    if kind == "l":
-        _, texts, pos = top
-        texts = tuple(t for t in texts if t[pos] == b)
-        out = [s for t in texts if len(t) == pos + 1 for s in finish(rest, t)]
-        longer = tuple(t for t in texts if len(t) > pos + 1)
-        return out + ([rest + (("l", longer, pos + 1),)] if longer else [])
-    if kind == "n":
-        _, integer, phase, digits = top
-        nxt = _num_next(integer, phase, digits, b)
-        if nxt is not None:
-            return [rest + (("n", integer) + nxt,)]
-        if phase in NUM_DONE:  # the number ended just before b: pop, then b goes to the parent
-            return [s2 for s in finish(rest, None) for s2 in feed(s, b)]
+    top = stack[-1]
+    return _FEED[top[0]](top, stack[:-1], b)
+
+
+def _feed_string(top: tuple, rest: Stack, b: int) -> list[Stack]:
+    _, lo, hi, count, esc, pending = top
+    if pending or esc:
+        return _feed_string_escape(top, rest, b)
+    if b == 0x22:
+        return finish(rest, None) if count >= lo else []
+    if hi is not None and count >= hi or b < 0x20:
         return []
-    if kind == "o":
-        return _feed_object(top, rest, b)
-    if kind == "a":
-        _, arr, phase, count, ws = top
-        w = ws_step(ws, b)
-        if w is not None:
-            return [rest + (("a", arr, phase, count, w),)]
-        if phase == 1:
-            if b == 0x2C and (arr.max is None or count < arr.max):
-                return [rest + (("a", arr, 2, count, 0),)]
-            return finish(rest, None) if b == 0x5D and count >= arr.min else []
-        if phase == 0 and b == 0x5D and arr.min == 0:
-            return finish(rest, None)
-        if arr.max is not None and count >= arr.max:
-            return []
-        n = count + 1 if arr.min or arr.max is not None else 0  # untracked when unbounded (states repeat)
-        return begin(rest + (("a", arr, 1, n, 0),), arr.item, b)
-    # root
+    if b == 0x5C:
+        return [rest + (("s", lo, hi, count, 1, 0),)]
+    if b < 0x80:
+        return [rest + (("s", lo, hi, _count(top), 0, 0),)]
+    more = 1 if 0xC2 <= b < 0xE0 else 2 if 0xE0 <= b < 0xF0 else 3 if 0xF0 <= b < 0xF5 else 0
+    more |= {0xE0: 1, 0xED: 2, 0xF0: 3, 0xF4: 4}.get(b, 0) << 2
+    return [rest + (("s", lo, hi, _count(top), 0, more),)] if more else []
+
+
+def _feed_string_escape(top: tuple, rest: Stack, b: int) -> list[Stack]:
+    """Inside a string: a UTF-8 continuation byte that is due, or the rest of an escape (\\x, \\uXXXX)."""
+    _, lo, hi, count, esc, pending = top
+    if pending:  # low 2 bits: continuation bytes due; above: UTF8_NEXT's range for the next one
+        low, high = UTF8_NEXT[pending >> 2]
+        return [rest + (("s", lo, hi, count, 0, (pending & 3) - 1),)] if low <= b <= high else []
+    if esc == 1:
+        if b in ESCAPES:
+            return [rest + (("s", lo, hi, _count(top), 0, 0),)]
+        return [rest + (("s", lo, hi, count, 2, 0),)] if b == 0x75 else []
+    if b not in HEX:
+        return []
+    return [rest + (("s", lo, hi, _count(top), 0, 0) if esc == 5 else ("s", lo, hi, count, esc + 1, 0),)]
+
+
+def _feed_literal(top: tuple, rest: Stack, b: int) -> list[Stack]:
+    _, texts, pos = top
+    texts = tuple(t for t in texts if t[pos] == b)
+    out = [s for t in texts if len(t) == pos + 1 for s in finish(rest, t)]
+    longer = tuple(t for t in texts if len(t) > pos + 1)
+    return out + ([rest + (("l", longer, pos + 1),)] if longer else [])
+
+
+def _feed_number(top: tuple, rest: Stack, b: int) -> list[Stack]:
+    _, integer, phase, digits = top
+    nxt = _num_next(integer, phase, digits, b)
+    if nxt is not None:
+        return [rest + (("n", integer) + nxt,)]
+    if phase in NUM_DONE:  # the number ended just before b: pop, then b goes to the parent
+        return [s2 for s in finish(rest, None) for s2 in feed(s, b)]
+    return []
+
+
+def _feed_array(top: tuple, rest: Stack, b: int) -> list[Stack]:
+    _, arr, phase, count, ws = top
+    w = ws_step(ws, b)
+    if w is not None:
+        return [rest + (("a", arr, phase, count, w),)]
+    if phase == 1:
+        if b == 0x2C and (arr.max is None or count < arr.max):
+            return [rest + (("a", arr, 2, count, 0),)]
+        return finish(rest, None) if b == 0x5D and count >= arr.min else []
+    if phase == 0 and b == 0x5D and arr.min == 0:
+        return finish(rest, None)
+    if arr.max is not None and count >= arr.max:
+        return []
+    n = count + 1 if arr.min or arr.max is not None else 0  # untracked when unbounded (states repeat)
+    return begin(rest + (("a", arr, 1, n, 0),), arr.item, b)
+
+
+def _feed_root(top: tuple, rest: Stack, b: int) -> list[Stack]:
     return begin(rest + (("r", top[1], 1),), top[1], b) if top[2] == 0 else []
 
 
@@ -163,14 +177,9 @@ def _count(top: tuple) -> int:
 
 
 def _num_next(integer: bool, phase: int, digits: int, b: int) -> tuple[int, int] | None:
+    """The number frame's next (phase, digits) after byte b; None if b cannot continue the number."""
     if b in DIGITS:
-        if phase == 0:
-            return (1 if b == 0x30 else 2), 1
-        if phase in (2, 4, 7) and digits < (3 if phase == 7 else MAX_DIGITS):
-            return phase, digits + 1
-        if phase in (3, 5, 6):
-            return phase + 1 if phase != 5 else 7, 1
-        return None
+        return _num_digit(phase, digits, b)
     if integer:
         return None
     if b == 0x2E and phase in (1, 2):
@@ -179,6 +188,16 @@ def _num_next(integer: bool, phase: int, digits: int, b: int) -> tuple[int, int]
         return 5, 0
     if b in (0x2B, 0x2D) and phase == 5:
         return 6, 0
+    return None
+
+
+def _num_digit(phase: int, digits: int, b: int) -> tuple[int, int] | None:
+    if phase == 0:
+        return (1 if b == 0x30 else 2), 1
+    if phase in (2, 4, 7) and digits < (3 if phase == 7 else MAX_DIGITS):
+        return phase, digits + 1
+    if phase in (3, 5, 6):
+        return phase + 1 if phase != 5 else 7, 1
     return None
 
 
@@ -227,3 +246,8 @@ def can_end(state: State) -> bool:
 def done(state: State) -> bool:
     """Nothing but the end can follow (every stack is a finished root)."""
     return all(len(s) == 1 and s[0][2] == 1 for s in state)
+
+
+# frame kind -> how it takes the next byte (the frame layouts are in the module docstring)
+_FEED = {"s": _feed_string, "l": _feed_literal, "n": _feed_number, "o": _feed_object, "a": _feed_array,
+         "r": _feed_root}

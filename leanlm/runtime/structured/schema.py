@@ -154,25 +154,10 @@ class _Compiler:
                 raise SchemaError(f"allOf at {where} is only supported with one member and nothing beside it")
             return self.node(members[0], where + "/allOf/0")
         if "const" in s or "enum" in s:
-            values = [s.pop("const")] if "const" in s else s.pop("enum")
-            s.pop("type", None)
-            if s:
-                raise SchemaError(f"'{next(iter(s))}' beside enum/const at {where} is not supported")
-            if not values:
-                raise SchemaError(f"an empty enum at {where} allows nothing")
-            return Lit(tuple(dict.fromkeys(_dump(v) for v in values)))
+            return self.literal(s, where)
         for key in ("anyOf", "oneOf"):
             if key in s:
-                options = s.pop(key)
-                if s:
-                    raise SchemaError(f"'{next(iter(s))}' beside {key} at {where} is not supported")
-                alt = Alt(tuple(self.node(o, f"{where}/{key}/{i}") for i, o in enumerate(options)))
-                if key == "oneOf":
-                    sets = [kinds(o) for o in alt.options]
-                    if sum(map(len, sets)) != len(set().union(*sets)):
-                        raise SchemaError(f"oneOf at {where} has options that can overlap (only options of "
-                                          "different JSON types are supported)")
-                return alt
+                return self.alternatives(s, key, where)
         types = s.pop("type", None)
         if types is None:
             types = self.infer_type(s, where)
@@ -181,6 +166,30 @@ class _Compiler:
         if left:
             raise SchemaError(f"'{sorted(left)[0]}' at {where} is not supported")
         return results[0][0] if len(results) == 1 else Alt(tuple(node for node, _ in results))
+
+    @staticmethod
+    def literal(s: dict, where: str) -> Node:
+        """const / enum: one of the values, as their JSON texts."""
+        values = [s.pop("const")] if "const" in s else s.pop("enum")
+        s.pop("type", None)
+        if s:
+            raise SchemaError(f"'{next(iter(s))}' beside enum/const at {where} is not supported")
+        if not values:
+            raise SchemaError(f"an empty enum at {where} allows nothing")
+        return Lit(tuple(dict.fromkeys(_dump(v) for v in values)))
+
+    def alternatives(self, s: dict, key: str, where: str) -> Node:
+        """anyOf / oneOf; oneOf only where its options cannot both match (they differ in JSON type)."""
+        options = s.pop(key)
+        if s:
+            raise SchemaError(f"'{next(iter(s))}' beside {key} at {where} is not supported")
+        alt = Alt(tuple(self.node(o, f"{where}/{key}/{i}") for i, o in enumerate(options)))
+        if key == "oneOf":
+            sets = [kinds(o) for o in alt.options]
+            if sum(map(len, sets)) != len(set().union(*sets)):
+                raise SchemaError(f"oneOf at {where} has options that can overlap (only options of "
+                                  "different JSON types are supported)")
+        return alt
 
     @staticmethod
     def infer_type(s: dict, where: str) -> str:
