@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from leanlm.errors import LeanLMError
 from leanlm.formats.catalog import DEFAULT_MODEL, REGISTRY, ModelEntry, WheelPart
+from leanlm.home import cache_root
 
 try:
     import fcntl
@@ -60,9 +61,8 @@ _NETWORK_MARKERS = (
 
 
 def cache_dir() -> Path:
-    """``$LEANLM_HOME`` if set, else ``~/.cache/leanlm``."""
-    home = os.environ.get("LEANLM_HOME")
-    return Path(home).expanduser() if home else Path.home() / ".cache" / "leanlm"
+    """Where models are pulled to: leanlm's one cache folder (home.py)."""
+    return cache_root()
 
 
 def registry_names() -> list[str]:
