@@ -58,6 +58,18 @@ def test_native_library_builds_here() -> None:
     assert PLAN.c_kernels and PLAN.vnni_head == (" avx512_vnni" in flags and " avx512bw" in flags)
 
 
+def test_the_plan_reads_the_switches_and_keys_what_they_choose() -> None:
+    """kernels/plan.py: one place reads every LEANLM_* kernel switch; the key covers what chooses a layout or a
+    route (not whether loaded models are saved); off the CPU, or with LEANLM_NATIVE=0, PyTorch runs everything."""
+    off = KernelPlan.resolve(env={"LEANLM_NATIVE": "0", "LEANLM_WEIGHT_CACHE": "0"})
+    assert off == KernelPlan(weight_cache=False)
+    assert off.key() == KernelPlan.resolve(env={"LEANLM_NATIVE": "0"}).key() != PLAN.key()
+    assert KernelPlan.resolve("meta") == KernelPlan(device="meta")
+    assert not KernelPlan.resolve(env={"LEANLM_BLOCKED_KEYS": "0"}).blocked_keys
+    assert not KernelPlan.resolve(env={"LEANLM_NATIVE_STEP": "0"}).native_step
+    assert KernelPlan.resolve(env={"LEANLM_VNNI": "0"}).int4_vnni is False
+
+
 @pytest.mark.parametrize(("n", "k", "mults", "g"), [(128, 96, (1.0,), 32), (192, 64, (1.0, 16.0), 32),
                                                     (64, 64, (1.0, 8.0), 16), (64, 64, (1.0, 0.0, 16.0), 16)])
 def test_int4_dense_unpacks_the_kernel_layout(n: int, k: int, mults: tuple[float, ...], g: int) -> None:
