@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from leanlm.kernels import build as native  # noqa: E402
+from leanlm.kernels.plan import KernelPlan  # noqa: E402
 
 
 class Case(NamedTuple):
@@ -94,7 +94,7 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
-    if not native.flash_attention():
+    if not KernelPlan.resolve().flash:
         print("our prompt attention kernel is not available here (needs AVX-512 BF16 and a C++ compiler)")
         return 1
     torch.set_num_threads(a.threads)

@@ -17,6 +17,7 @@ from leanlm.formats.catalog import DEFAULT_MODEL
 from leanlm.formats.hub import resolve_model
 from leanlm.formats.placing import release_memory
 from leanlm.formats.tokenizer import StreamDecoder
+from leanlm.kernels.plan import KernelPlan
 from leanlm.model.cache import ModelCache
 from leanlm.model.transformer import Transformer
 from leanlm.runtime.generate import GenStats, generate_ids
@@ -24,8 +25,8 @@ from leanlm.runtime.proposers import DraftModel, PromptLookup, check_vocab
 from leanlm.runtime.proposers import early_exit as make_early_exit
 from leanlm.runtime.sampling import SamplingParams, sample
 from leanlm.runtime.speculative import Proposer, SpecStats, speculative_ids
-from leanlm.runtime.steps.compiled import MODES, DecodeStep, decode_step, get_step, step_kind, verify_step
-from leanlm.runtime.steps.cpp import native_step
+from leanlm.runtime.steps import MODES, select
+from leanlm.runtime.steps.eager import Step, StepKind
 from leanlm.runtime.stops import StopStrings
 from leanlm.runtime.structured import Constraint, Grammars
 
@@ -58,31 +59,25 @@ class LLM:
         self.prefill_chunk = prefill_chunk  # prompt tokens per forward; sliding layers keep W + this many slots
         self.config = model.cfg
         self.last_stats = GenStats()
-        self._steps: dict[str, DecodeStep] = {}
+        self._steps: dict[StepKind, Step] = {}
         self._grammars: Grammars | None = None
         self.speculation: Speculation | None = None  # set by `speculate`
         self.last_spec: SpecStats | None = None
 
-    def decode_step(self, batch: int = 1, mode: str | None = None, tokens: int = 1) -> DecodeStep:
-        """The decode step for this batch size (or with tokens > 1, speculative decoding's verify step): one
-        C++ call where the model fits it (native_step.py), else compiled (compiled.py) per `mode` (default
-        self.compile); mode "off" keeps the eager step."""
-        key = step_kind(batch, tokens)
-        if key not in self._steps or mode is not None:
-            mode = mode or self.compile
-            step = native_step(self.model, tokens) if mode != "off" else None
-            if step is None:
-                log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
-                step = get_step(self.model, batch, mode, log, tokens)
-            self._steps[key] = step
-        return self._steps[key]
+    def decode_step(self, batch: int = 1, mode: str | None = None, tokens: int = 1) -> Step:
+        """The decode step for this batch size (or with tokens > 1, speculative decoding's verify step) from the
+        first backend that serves the model (runtime/steps: the C++ decoder, compiled per `mode`, default
+        self.compile, then eager); mode "off" keeps the eager step."""
+        kind = StepKind.of(batch, tokens)
+        if kind not in self._steps or mode is not None:
+            log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+            self._steps[kind] = select(self.model, kind, mode or self.compile, log)
+        return self._steps[kind]
 
     def decode_kind(self) -> str:
         """'native' or 'compiled' if such a decode step has been used, else 'eager'."""
-        if any(getattr(st, "native", False) for st in self._steps.values()):
-            return "native"
-        eager = (decode_step, verify_step)
-        return "compiled" if any(st not in eager for st in self._steps.values()) else "eager"
+        used = {st.backend for st in self._steps.values()}
+        return next((b for b in ("native", "compiled") if b in used), "eager")
 
     def _lazy_step(self, model: Transformer, cache: ModelCache, tokens: torch.Tensor, positions: torch.Tensor,
                    kv_len: int) -> torch.Tensor:
@@ -246,8 +241,9 @@ def load(model: str | Path = DEFAULT_MODEL, *, dtype: str | torch.dtype = "auto"
         torch.set_num_threads(threads)
     path = resolve_model(str(model), progress=progress)
     compute, quantized = resolve_dtype(dtype, device)
+    plan = KernelPlan.resolve(device)  # the kernels this model runs on, from here on (kernels/plan.py)
     cached = quantized and device == "cpu" and path.suffix.lower() == ".gguf"  # repacked once, mapped after
-    saved = weight_cache.load(path, compute) if cached else None
+    saved = weight_cache.load(path, compute, plan) if cached else None
     if saved is not None:
         m, tok = saved
     else:
@@ -256,14 +252,12 @@ def load(model: str | Path = DEFAULT_MODEL, *, dtype: str | torch.dtype = "auto"
             from leanlm.quant.fuse import fuse_projections
 
             fuse_projections(m)  # q/k/v and gate/up as one matmul each: fewer kernel calls per token
-        if cached and weight_cache.save(m, tok, path, compute) is not None:
-            m, tok = weight_cache.load(path, compute) or (m, tok)  # the mapped copy; the heap's is freed below
+        if cached and weight_cache.save(m, tok, path, compute, plan) is not None:
+            m, tok = weight_cache.load(path, compute, plan) or (m, tok)  # the mapped copy; the heap's is freed below
     release_memory()  # what the file's parsed header and the tokenizer's construction left in the heap
-    if kv_cache == "int8":
-        from leanlm.model.cache import int8_kv_supported
-
-        if not int8_kv_supported(m.cfg, m.dtype, m.device):
-            raise LeanLMError("--kv-cache int8 needs a CPU with AVX-512 VNNI and BF16, bfloat16 compute, head dim "
-                              "64, 128 or 256 and no attention softcap")
+    m.apply_plan(plan)  # modules built by the loader (or saved) take their routes from the plan
+    if kv_cache == "int8" and not plan.int8_kv_for(m.cfg, m.dtype, m.device):
+        raise LeanLMError("--kv-cache int8 needs a CPU with AVX-512 VNNI and BF16, bfloat16 compute, head dim "
+                          "64, 128 or 256 and no attention softcap")
     m.kv_cache = kv_cache
     return LLM(m, tok, path, prefill_chunk, compile)

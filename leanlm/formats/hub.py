@@ -20,6 +20,7 @@ from leanlm.errors import LeanLMError
 from leanlm.formats import wheels
 from leanlm.formats.catalog import REGISTRY, ModelEntry
 from leanlm.formats.wheels import CHUNK, iter_member, progress_bar
+from leanlm.home import cache_root
 
 try:
     import fcntl
@@ -37,9 +38,8 @@ __all__ = [
 
 
 def cache_dir() -> Path:
-    """``$LEANLM_HOME`` if set, else ``~/.cache/leanlm``."""
-    home = os.environ.get("LEANLM_HOME")
-    return Path(home).expanduser() if home else Path.home() / ".cache" / "leanlm"
+    """Where models are pulled to: leanlm's one cache folder (home.py)."""
+    return cache_root()
 
 
 def registry_names() -> list[str]:

@@ -13,11 +13,11 @@ unpickles the structure and makes each tensor a view of one `mmap` of the file (
 Storages shared by several tensors (tied or fused weights, views) are written once and stay shared.
 
 The key covers everything the saved layout depends on: the GGUF file (resolved path, size, modification
-time), the compute dtype, torch's version, which of our kernels this CPU runs (they choose the layout), and
-the source of the code that builds it. A damaged or unreadable entry is ignored (the file is loaded again);
-saving an entry deletes the ones it replaces (same file and dtype, older key), so upgrades do not pile up
+time), the compute dtype, torch's version, the kernel plan (kernels/plan.py: which of our kernels run chooses
+the layout), and the source of the code that builds it. A damaged or unreadable entry is ignored (the file is
+loaded again); saving an entry deletes the ones it replaces (same file and dtype, older key), so upgrades do not pile up
 copies of the model on disk.
-`LEANLM_WEIGHT_CACHE=0` turns the cache off.
+The plan's `weight_cache` (`LEANLM_WEIGHT_CACHE=0`) turns the cache off.
 """
 
 from __future__ import annotations
@@ -33,29 +33,26 @@ from typing import Any
 
 import torch
 
-from leanlm.kernels import build as native
+from leanlm.home import cache_root
+from leanlm.kernels.plan import KernelPlan
 from leanlm.model.transformer import Transformer
 
 _SOURCES = ("model/transformer.py", "model/attention.py", "model/layers.py", "model/rope.py", "model/moe.py",
-            "model/mla.py", "model/config.py", "kernels/build.py",
+            "model/mla.py", "model/config.py", "kernels/build.py", "kernels/plan.py",
             "quant/int4.py", "quant/int8.py", "quant/repack.py", "quant/dequant.py", "quant/fuse.py",
             "formats/gguf_loader.py", "formats/placing.py", "formats/tokenizer.py", "formats/gguf_file.py",
             "formats/weight_cache.py")
 
 
-def enabled() -> bool:
-    return os.environ.get("LEANLM_WEIGHT_CACHE", "1") != "0"
-
-
-def entry(path: Path, dtype: torch.dtype) -> Path:
-    """Where the loaded form of `path` (a .gguf file) for `dtype` is kept."""
+def entry(path: Path, dtype: torch.dtype, plan: KernelPlan) -> Path:
+    """Where the loaded form of `path` (a .gguf file) for `dtype` under `plan` is kept."""
     st = path.resolve().stat()
     h = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{dtype}|{torch.__version__}".encode())
-    h.update(f"|int4 {native.int4_vnni()}|head {native.int8_head()}|attention {native.attention()}".encode())
+    h.update(f"|{plan.key()}".encode())
     here = Path(__file__).parent.parent  # the package root
     for src in _SOURCES:
         h.update((here / src).read_bytes())
-    root = Path(os.environ.get("LEANLM_CACHE") or Path.home() / ".cache" / "leanlm")
+    root = cache_root()
     owner = hashlib.sha256(f"{path.resolve()}|{dtype}".encode()).hexdigest()[:8]  # which file, which dtype
     return root / "weights" / f"{path.stem}-{owner}-{h.hexdigest()[:16]}.lwc"
 
@@ -109,12 +106,12 @@ class _Loader(pickle.Unpickler):
         return raw.as_strided(shape, stride, raw.storage_offset() + start)  # offsets count from the mapping's start
 
 
-def load(path: Path, dtype: torch.dtype) -> tuple[Transformer, Any] | None:
+def load(path: Path, dtype: torch.dtype, plan: KernelPlan) -> tuple[Transformer, Any] | None:
     """The saved (model, tokenizer), the model's buffers mapped from the file; None when there is none (or it
     cannot be read)."""
-    if not enabled():
+    if not plan.weight_cache:
         return None
-    where = entry(path, dtype)
+    where = entry(path, dtype, plan)
     if not where.exists():
         return None
     try:
@@ -134,12 +131,12 @@ def load(path: Path, dtype: torch.dtype) -> tuple[Transformer, Any] | None:
     return (saved["model"], saved["tokenizer"]) if ok else None
 
 
-def save(model: Transformer, tokenizer: Any, path: Path, dtype: torch.dtype) -> Path | None:
-    """Save the loaded model and tokenizer for later loads; the entry's path, or None where it cannot be
-    written."""
-    if not enabled():
+def save(model: Transformer, tokenizer: Any, path: Path, dtype: torch.dtype, plan: KernelPlan) -> Path | None:
+    """Save the loaded model and tokenizer (built under `plan`) for later loads; the entry's path, or None where
+    it cannot be written."""
+    if not plan.weight_cache:
         return None
-    where = entry(path, dtype)
+    where = entry(path, dtype, plan)
     tmp = where.with_suffix(f".tmp{os.getpid()}")
     try:
         where.parent.mkdir(parents=True, exist_ok=True)

@@ -19,13 +19,14 @@
  * (Q6_K) each half group is its own product (A 16 bytes wide, B 4 rows).
  * Linux hands out AMX state per process on request (arch_prctl ARCH_REQ_XCOMP_PERM); without it the first
  * tile instruction would kill the process, so `usable()` asks once and says no where it was refused.
- * LEANLM_AMX=0 switches these kernels off (read at each call: tests compare both paths in one process).
+ * `amx_allow(false)` switches these kernels off for the process (kernels/plan.py calls it with the plan's `amx`
+ * when a model is planned; tests compare both paths in one process).
  */
 #include <torch/library.h>
 #include <ATen/Parallel.h>
 
+#include <atomic>
 #include <cstdint>
-#include <cstdlib>
 #include <vector>
 
 #include "amx.h"
@@ -148,11 +149,16 @@ bool granted() {
 
 namespace amx {
 
-bool usable() {
+std::atomic<bool> allowed{true};
+
+void allow(bool on) { allowed.store(on, std::memory_order_relaxed); }
+
+bool granted_here() {
     static const bool ok = granted();
-    const char *env = std::getenv("LEANLM_AMX");
-    return ok && (env == nullptr || env[0] != '0');
+    return ok;
 }
+
+bool usable() { return granted_here() && allowed.load(std::memory_order_relaxed); }
 
 bool int4_mm(const Int4Args &a) {
     const int NS = a.s16 ? 2 : 1;
@@ -173,12 +179,20 @@ bool int4_mm(const Int4Args &a) {
 #else
 
 namespace amx {
+void allow(bool) {}
+bool granted_here() { return false; }
 bool usable() { return false; }
 bool int4_mm(const Int4Args &) { return false; }
 }  // namespace amx
 
 #endif
 
-// native.amx(): whether prompts take the tiles here
-TORCH_LIBRARY_FRAGMENT(leanlm_native, m) { m.def("amx_usable() -> bool"); }
-TORCH_LIBRARY_IMPL(leanlm_native, CatchAll, m) { m.impl("amx_usable", [] { return amx::usable(); }); }
+// kernels/plan.py: amx_usable, whether this CPU and process have the tiles; amx_allow, whether prompts take them
+TORCH_LIBRARY_FRAGMENT(leanlm_native, m) {
+    m.def("amx_usable() -> bool");
+    m.def("amx_allow(bool on) -> ()");
+}
+TORCH_LIBRARY_IMPL(leanlm_native, CatchAll, m) {
+    m.impl("amx_usable", [] { return amx::granted_here(); });
+    m.impl("amx_allow", [](bool on) { amx::allow(on); });
+}

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from leanlm.home import cache_root
+
 KERNELS = Path(__file__).parent  # the C and C++ sources beside this file
 # the parts of -ffast-math the vectoriser needs, not -ffast-math itself: linked into a shared library it
 # switches on flush-to-zero for the whole process (seen: subnormal floats vanished in unrelated code)
@@ -44,11 +46,9 @@ def _cpu_id() -> str:
 
 def _build(compiler: tuple[str, str, str], flags: list[str], pattern: str, name: str,
            libs: tuple[str, ...] = ()) -> Path | None:
-    """Compile kernels/<pattern> into one shared library, cached under ~/.cache/leanlm/kernels by a hash of
+    """Compile kernels/<pattern> into one shared library, cached under cache_root()/kernels by a hash of
     the compiler, flags, CPU and sources; None where there is no compiler or the build fails.
     compiler: (environment variable, default, fallback), e.g. ("CC", "cc", "gcc")."""
-    if os.environ.get("LEANLM_NATIVE", "1") == "0":
-        return None
     env, default, fallback = compiler
     cc = shutil.which(os.environ.get(env, default)) or shutil.which(fallback)
     if cc is None:
@@ -57,7 +57,7 @@ def _build(compiler: tuple[str, str, str], flags: list[str], pattern: str, name:
     h = hashlib.sha256(" ".join([cc, *flags, _cpu_id(), torch.__version__]).encode())
     for src in sources + sorted(KERNELS.glob("*.h")):  # the headers they share count too
         h.update(src.read_bytes())
-    root = Path(os.environ.get("LEANLM_CACHE") or Path.home() / ".cache" / "leanlm") / "kernels"
+    root = cache_root() / "kernels"
     so = root / f"{name}-{h.hexdigest()[:16]}.so"
     if not so.exists():
         root.mkdir(parents=True, exist_ok=True)
@@ -132,75 +132,27 @@ def ops_library() -> bool:
     return True
 
 
-def row_ops() -> bool:
-    """Do bf16 norms and gated activations run on our operators (kernels/rowops.cpp)? LEANLM_NATIVE_ROWS=0: no."""
-    return (os.environ.get("LEANLM_NATIVE_ROWS", "1") != "0" and ops_library()
-            and hasattr(torch.ops.leanlm_native, "rms_norm"))
-
-
-def attention() -> bool:
-    """Does few-query attention run on our operator (kernels/attention.cpp)? LEANLM_NATIVE_ATTENTION=0: no."""
-    return (os.environ.get("LEANLM_NATIVE_ATTENTION", "1") != "0" and ops_library()
-            and hasattr(torch.ops.leanlm_native, "attend"))
-
-
-def argmax() -> bool:
-    """Does greedy choice over fp32 logits run on our operator (kernels/rowops.cpp)? LEANLM_NATIVE_ROWS=0: no."""
-    return row_ops() and hasattr(torch.ops.leanlm_native, "argmax")
-
-
-def int8_attention() -> bool:
-    """Does decode attention over an int8 K/V cache run here (kernels/attend_int8.cpp, AVX-512 VNNI and BF16)?"""
-    return ops_library() and hasattr(torch.ops.leanlm_native, "attend_int8")
-
-
-def flash_attention() -> bool:
-    """Does prompts' bf16 attention run on our operator (kernels/flash.cpp)? LEANLM_NATIVE_FLASH=0: no (SDPA)."""
-    return (os.environ.get("LEANLM_NATIVE_FLASH", "1") != "0" and ops_library()
-            and hasattr(torch.ops.leanlm_native, "flash_attend"))
-
-
-def amx() -> bool:
-    """Do int4 products of 32 rows or more (prompts, batches of 32) run on AMX tiles (kernels/amx.cpp)? Needs
-    AMX-INT8 and the kernel's leave; LEANLM_AMX=0: no (read at each call)."""
-    return ops_library() and hasattr(torch.ops.leanlm_native, "amx_usable") and torch.ops.leanlm_native.amx_usable()
-
-
-def int4_vnni() -> bool:
-    """Do 4-bit weights run on our VNNI kernel (kernels/int4_vnni.cpp)? LEANLM_VNNI=0 keeps PyTorch's."""
-    return os.environ.get("LEANLM_VNNI", "1") != "0" and ops_library() and hasattr(torch.ops.leanlm_native, "int4_mm")
-
-
-def int8_head() -> bool:
-    """Does the output head run on our tiled VNNI operator (kernels/int8_head.cpp)? LEANLM_VNNI=0: no."""
-    return os.environ.get("LEANLM_VNNI", "1") != "0" and ops_library() and hasattr(torch.ops.leanlm_native, "int8_mm")
-
-
-def vnni_head() -> bool:
-    """Does the head run on VNNI with int8-quantised activations (kernels/int8_vnni.c)? Else fp32 math."""
-    lib = library()
-    return lib is not None and bool(lib.int8_vnni_available()) and os.environ.get("LEANLM_VNNI", "1") != "0"
-
-
 MAX_ROWS = 64  # beyond this many input rows (prefill, perplexity), PyTorch's kernel is used
 
 
 @torch.library.custom_op("leanlm::int8_matmul", mutates_args=())
-def int8_matmul(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """(x @ codes^T) * scales in fp32: x (M, K) any float dtype, codes (N, K) int8, scales (N,) bf16 -> (M, N)."""
-    lib = library() if x.device.type == "cpu" and codes.is_contiguous() and scales.is_contiguous() else None
+def int8_matmul(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, kernel: int) -> torch.Tensor:
+    """(x @ codes^T) * scales in fp32: x (M, K) any float dtype, codes (N, K) int8, scales (N,) bf16 -> (M, N).
+    kernel (the model's plan, kernels/plan.py): 0 PyTorch's, 1 our C fp32 loops, 2 our C VNNI loops."""
+    usable = kernel and x.device.type == "cpu" and codes.is_contiguous() and scales.is_contiguous()
+    lib = library() if usable else None
     if lib is None or x.shape[0] > MAX_ROWS:
         return torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), codes, scales).float()
     x32 = x.float().contiguous()
     y = torch.empty(x.shape[0], codes.shape[0], dtype=torch.float32)
-    kernel = lib.int8_matvec_vnni if vnni_head() else lib.int8_matvec
-    kernel(x32.data_ptr(), codes.data_ptr(), scales.data_ptr(), y.data_ptr(),
-                    x.shape[0], codes.shape[0], codes.shape[1], torch.get_num_threads())
+    run = lib.int8_matvec_vnni if kernel == 2 else lib.int8_matvec
+    run(x32.data_ptr(), codes.data_ptr(), scales.data_ptr(), y.data_ptr(),
+        x.shape[0], codes.shape[0], codes.shape[1], torch.get_num_threads())
     return y
 
 
 @int8_matmul.register_fake
-def _(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+def _(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, kernel: int) -> torch.Tensor:
     return x.new_empty(x.shape[0], codes.shape[0], dtype=torch.float32)
 
 

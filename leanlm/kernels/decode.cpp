@@ -1,5 +1,5 @@
 /* The decode step as one C++ call: leanlm_native::Decoder, a torch class built once per model by
- * leanlm/native_step.py, runs model.py's forward for a few tokens per sequence (a decode step, a speculative
+ * leanlm/runtime/steps/cpp.py, runs model.py's forward for a few tokens per sequence (a decode step, a speculative
  * block) without returning to Python or the dispatcher between operations.
  *
  * Why: after the weight kernels, a compiled decode step still spent ~1.5 ms per token around them (inductor's
@@ -25,6 +25,7 @@
 #include <cstdint>
 #include <cstring>
 #include <map>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -64,6 +65,27 @@ void for_rows(int64_t M, const F &f) {
     });
 }
 
+// Values given by name (the Decoder's integers and floats): each read once, by name; unknown names are errors.
+template <typename V>
+struct Named {
+    std::map<std::string, V> values;
+    Named(const std::vector<std::string> &names, const std::vector<V> &vals) {
+        TORCH_CHECK(names.size() == vals.size(), "Decoder: ", names.size(), " names for ", vals.size(), " values");
+        for (size_t j = 0; j < names.size(); j++)
+            TORCH_CHECK(values.emplace(names[j], vals[j]).second, "Decoder: '", names[j], "' given twice");
+    }
+    V operator()(const std::string &name) {
+        const auto it = values.find(name);
+        TORCH_CHECK(it != values.end(), "Decoder: no value named '", name, "'");
+        const V v = it->second;
+        values.erase(it);
+        return v;
+    }
+    void check_all_used() const {
+        TORCH_CHECK(values.empty(), "Decoder: unknown value '", values.empty() ? "" : values.begin()->first, "'");
+    }
+};
+
 struct Decoder : torch::CustomClassHolder {
     int64_t D, H, KV, hd, rd, F, act_kind;
     bool interleaved, qk_norm, post_norms;
@@ -71,15 +93,21 @@ struct Decoder : torch::CustomClassHolder {
     at::Tensor freq_global, freq_local, emb_codes, emb_scales, norm, head_codes, head_scales;
     std::vector<Layer> layers;
 
-    // Packed by native_step.py `decoder_args` (its docstring lists the order).
-    Decoder(std::vector<at::Tensor> t, std::vector<int64_t> i, std::vector<double> f) {
-        size_t ti = 0, ii = 0;
+    // Built by runtime/steps/cpp.py `decoder_args`: the tensors in the order its docstring lists, and every
+    // integer and float by name (`DecoderSpec`'s fields; per-layer values as "name.layer"). A name missing,
+    // unknown or given twice stops here with that name, so the two sides cannot drift apart silently.
+    Decoder(std::vector<at::Tensor> t, std::vector<std::string> int_names, std::vector<int64_t> ints,
+            std::vector<std::string> float_names, std::vector<double> floats) {
+        Named<int64_t> I(int_names, ints);
+        Named<double> Fl(float_names, floats);
+        size_t ti = 0;
         const auto T = [&] { return t.at(ti++); };
-        const auto I = [&] { return i.at(ii++); };
-        D = I(), H = I(), KV = I(), hd = I(), rd = I(), F = I(), act_kind = I();
-        interleaved = I(), qk_norm = I(), post_norms = I();
-        const int64_t n_layers = I();
-        eps = f.at(0), attn_scale = f.at(1), embed_scale = f.at(2), softcap = f.at(3), rope_scale = f.at(4);
+        D = I("dim"), H = I("heads"), KV = I("kv_heads"), hd = I("head_dim"), rd = I("rope_dims");
+        F = I("hidden"), act_kind = I("act");
+        interleaved = I("interleaved"), qk_norm = I("qk_norm"), post_norms = I("post_norms");
+        const int64_t n_layers = I("layers");
+        eps = Fl("eps"), attn_scale = Fl("attn_scale"), embed_scale = Fl("embed_scale"), softcap = Fl("softcap");
+        rope_scale = Fl("rope_scale");
         freq_global = T(), freq_local = T(), emb_codes = T(), emb_scales = T(), norm = T();
         head_codes = T(), head_scales = T();
         const auto lin = [&] {
@@ -89,8 +117,9 @@ struct Decoder : torch::CustomClassHolder {
         };
         for (int64_t l = 0; l < n_layers; l++) {
             Layer L;
-            L.window = I(), L.table = I(), L.local = I();
-            const int64_t n_qkv = I(), n_gate_up = I();
+            const auto per_layer = [&](const char *name) { return I(std::string(name) + "." + std::to_string(l)); };
+            L.window = per_layer("windows"), L.table = per_layer("tables"), L.local = per_layer("local");
+            const int64_t n_qkv = per_layer("n_qkv"), n_gate_up = per_layer("n_gate_up");
             L.attn_norm = T(), L.ffn_norm = T();
             if (post_norms) L.post_attn_norm = T(), L.post_ffn_norm = T();
             if (qk_norm) L.q_norm = T(), L.k_norm = T();
@@ -100,7 +129,8 @@ struct Decoder : torch::CustomClassHolder {
             L.down = lin();
             layers.push_back(std::move(L));
         }
-        TORCH_CHECK(ti == t.size() && ii == i.size(), "Decoder: unexpected argument count");
+        TORCH_CHECK(ti == t.size(), "Decoder: ", t.size(), " tensors given, ", ti, " used");
+        I.check_all_used(), Fl.check_all_used();
     }
 
     // The embedding rows of tokens (M,) into x (M, D) bf16: codes * scale rounded as model.py's Int8Embedding,
@@ -299,7 +329,8 @@ at::Tensor Decoder::step(at::Tensor tokens, at::Tensor positions, int64_t kv_len
 
 TORCH_LIBRARY_FRAGMENT(leanlm_native, m) {
     m.class_<Decoder>("Decoder")
-        .def(torch::init<std::vector<at::Tensor>, std::vector<int64_t>, std::vector<double>>())
+        .def(torch::init<std::vector<at::Tensor>, std::vector<std::string>, std::vector<int64_t>,
+                         std::vector<std::string>, std::vector<double>>())
         .def("step", &Decoder::step);
 }
 #endif

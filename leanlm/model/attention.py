@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from leanlm.kernels import build as native
+from leanlm.kernels.plan import KernelPlan, few_query_fits, flash_fits
 from leanlm.model.cache import KVBuffer, key_rows
 from leanlm.model.config import ModelConfig
 from leanlm.model.layers import RMSNorm
@@ -19,6 +19,10 @@ FEW_QUERIES = 16  # up to this many query tokens per sequence, attention runs as
 
 
 class Attention(nn.Module):
+    # routes, fixed by `use_plan` when the model is planned: few-query attention on kernels/attention.cpp (else
+    # fp32 reductions), prompts on kernels/flash.cpp (else SDPA)
+    few_native = flash_native = False
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
@@ -63,9 +67,9 @@ class Attention(nn.Module):
             k, v = kv.view(kv_len)  # (B, KV, S, hd); k blocked (B, KV, S / 16, hd / 2, 16, 2) where cache.py says
         if T <= FEW_QUERIES and cfg.attn_softcap is None:
             o = self._few_query_attention(q, k, v, mask)
-        elif cfg.attn_softcap is None and q.dtype == torch.bfloat16 and q.device.type == "cpu" and \
-                hd in (64, 96, 128, 256) and _native_flash():  # blocks the mask rules out are skipped
-            o = torch.ops.leanlm_native.flash_attend(q, k, v, mask, self.scale)  # (kernels/flash.cpp)
+        elif self.flash_native and q.dtype == torch.bfloat16 and q.device.type == "cpu":
+            o = torch.ops.leanlm_native.flash_attend(q, k, v, mask, self.scale)  # (kernels/flash.cpp: blocks
+            # the mask rules out are skipped)
         elif cfg.attn_softcap is None:
             k = key_rows(k, v.shape[2])
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale,
@@ -80,7 +84,7 @@ class Attention(nn.Module):
         CPU SDPA costs more per call than the work itself at this size, and every query row is computed the
         same way whatever T is (a verified block scores like single decode steps)."""
         B, H, T, hd = q.shape
-        if q.device.type == "cpu" and hd % 16 == 0 and _native_attention():  # the same math, vectorised
+        if self.few_native and q.device.type == "cpu":  # the same math, vectorised
             return torch.ops.leanlm_native.attend(q, k, v, mask, self.scale)  # (kernels/attention.cpp)
         k, KV = key_rows(k, v.shape[2]), k.shape[1]
         qg = q.reshape(B, KV, H // KV, T, hd)  # (B, KV, rep, T, hd): the query heads sharing each KV head
@@ -100,11 +104,7 @@ class Attention(nn.Module):
         return torch.softmax(s.float(), -1).to(q.dtype) @ v
 
 
-def _native_attention() -> bool:
-    """compiled.py marks this with `torch.compiler.assume_constant_result` before tracing, so a compiled graph
-    asks once (the call may build the library); marking it here would import dynamo into every process (1 s)."""
-    return native.attention()
-
-def _native_flash() -> bool:
-    """Do prompts' bf16 attention run on our operator (kernels/flash.cpp)? (marked by compiled.py as above)"""
-    return native.flash_attention()
+    def use_plan(self, plan: KernelPlan) -> None:
+        cfg = self.cfg
+        self.few_native = plan.attention and few_query_fits(cfg.head_dim)
+        self.flash_native = plan.flash and cfg.attn_softcap is None and flash_fits(cfg.head_dim)

@@ -22,13 +22,12 @@ Rolling buffer index math (slot = position mod S, S = W + slack):
 
 from __future__ import annotations
 
-import os
 from typing import TYPE_CHECKING
 
 import torch
 
 from leanlm.errors import LeanLMError
-from leanlm.kernels import build as native
+from leanlm.kernels.plan import KernelPlan
 from leanlm.model.config import ModelConfig
 from leanlm.model.kv_int8 import Int8KVBuffer, native_writes
 
@@ -36,6 +35,8 @@ if TYPE_CHECKING:
     from leanlm.model.transformer import Transformer
 
 BLOCK = 16  # slots per block of the blocked key layout
+INT8_KV_NEEDS = ("an int8 K/V cache needs a CPU with AVX-512 VNNI and BF16, bfloat16 compute, head dim 64, 128 or "
+                 "256 and no attention softcap")
 
 
 class KVBuffer:
@@ -55,8 +56,9 @@ class KVBuffer:
 
     def __init__(self, batch: int, n_kv: int, size: int, head_dim: int, window: int | None,
                  dtype: torch.dtype, pos: torch.Tensor, device: torch.device | str | None = None,
-                 blocked: bool = False) -> None:
-        self.window, self.pos, self.blocked = window, pos, blocked
+                 blocked: bool = False, native: bool = False) -> None:
+        """native: blocked writes on kernels/cache_ops.cpp (the plan's int8_kv, kernels/plan.py)."""
+        self.window, self.pos, self.blocked, self.native = window, pos, blocked, native
         if blocked:
             assert size % BLOCK == 0 and head_dim % 2 == 0
             self.k = torch.zeros(batch, n_kv, size // BLOCK, head_dim // 2, BLOCK, 2, dtype=dtype, device=device)
@@ -77,7 +79,7 @@ class KVBuffer:
         26, 34, 42. (A `scatter_` along the slot axis made inductor copy the whole buffer every step:
         5 ms per token at batch 8 on SmolLM2.)
         """
-        if self.blocked and native_writes(k):  # (kernels/cache_ops.cpp: the same bits in one pass)
+        if self.blocked and native_writes(k, self.native):  # (kernels/cache_ops.cpp: the same bits in one pass)
             torch.ops.leanlm_native.cache_write(self.tensors(), slots, k, v)
             return
         B, n_kv, T, hd = k.shape
@@ -98,7 +100,7 @@ class KVBuffer:
     def rows(self, lo: int, hi: int, pos: torch.Tensor) -> KVBuffer:
         """This buffer's batch rows lo..hi-1 (views sharing memory), with the slot table `pos` for them."""
         view = KVBuffer.__new__(KVBuffer)
-        view.window, view.pos, view.blocked = self.window, pos, self.blocked
+        view.window, view.pos, view.blocked, view.native = self.window, pos, self.blocked, self.native
         view.k, view.v = self.k[lo:hi], self.v[lo:hi]
         return view
 
@@ -151,19 +153,17 @@ def key_rows(k: torch.Tensor, n: int) -> torch.Tensor:
     return k.permute(0, 1, 2, 4, 3, 5).reshape(B, n_kv, nb * BLOCK, half * 2)[:, :, :n]
 
 
-def int8_kv_supported(cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str | None) -> bool:
-    """Can this model keep an int8 K/V cache (kv_int8.py) here? Decode steps attend on the codes
-    (kernels/attend_int8.cpp), prompts on dequantized rows."""
-    return (torch.device(device or "cpu").type == "cpu" and dtype == torch.bfloat16 and cfg.mla is None and
-            cfg.head_dim in (64, 128, 256) and cfg.attn_softcap is None and native.int8_attention())
-
-
-def blocked_keys(cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str | None) -> bool:
-    """Keep keys blocked? Where our CPU kernels do every attention (bf16, head dim 64, 128 or 256, no
-    softcap: kernels/attend_blocked.cpp for decode steps, flash.cpp for prompts). LEANLM_BLOCKED_KEYS=0: no."""
-    return (torch.device(device or "cpu").type == "cpu" and dtype == torch.bfloat16 and cfg.mla is None and
-            cfg.head_dim in (64, 128, 256) and cfg.attn_softcap is None and
-            os.environ.get("LEANLM_BLOCKED_KEYS", "1") != "0" and native.attention() and native.flash_attention())
+def layout_of(cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str | None, kv: str,
+              plan: KernelPlan) -> str:
+    """How a cache for this model keeps its K/V (what a compiled step's graph depends on): "latent" (mla.py),
+    "int8" (kv_int8.py), "blocked" keys or "rows", and the dtype; e.g. "blocked/bfloat16"."""
+    if cfg.mla is not None:
+        kind = "latent"
+    elif kv == "int8":
+        kind = "int8"
+    else:
+        kind = "blocked" if plan.blocked_keys_for(cfg, dtype, device) else "rows"
+    return f"{kind}/{str(dtype).removeprefix('torch.')}"
 
 
 def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
@@ -183,24 +183,28 @@ class ModelCache:
     full-attention layers get max_len slots. `kv_len` (one past the largest position written so
     far, a Python int kept by the caller) bounds how much of each buffer attention reads.
     kv: "auto" (K/V in the compute dtype) or "int8" (kv_int8.py: half the bytes; needs our CPU kernels).
+    `layout` names how K/V are kept (`layout_of`).
     """
 
     def __init__(self, cfg: ModelConfig, batch: int, max_len: int, chunk: int,
                  dtype: torch.dtype, device: torch.device | str | None = None, kv: str = "auto",
-                 layout_device: torch.device | str | None = None) -> None:
+                 layout_device: torch.device | str | None = None, plan: KernelPlan | None = None) -> None:
         """layout_device: lay the buffers out as on this device while allocating on `device` (the memory
-        planner builds a CPU or CUDA model's cache on the meta device, which allocates nothing)."""
+        planner builds a CPU or CUDA model's cache on the meta device, which allocates nothing).
+        plan: the model's kernels (kernels/plan.py; default: this process's for the layout device)."""
         self.max_len, self.chunk = max_len, chunk
         layout = layout_device if layout_device is not None else device
+        plan = plan or KernelPlan.resolve(layout or "cpu")
         self.layers: list[KVBuffer | Int8KVBuffer | LatentBuffer] = []
         # one slot table per window kind (None = full attention), each (B, size): position in each slot, -1 empty
         self.slot_pos: dict[int | None, torch.Tensor] = {}
         if kv not in ("auto", "int8"):
             raise LeanLMError(f"unknown K/V cache type {kv!r}: auto or int8")
-        if kv == "int8" and not int8_kv_supported(cfg, dtype, layout):
-            raise LeanLMError("an int8 K/V cache needs a CPU with AVX-512 VNNI and BF16, bfloat16 compute, head dim "
-                              "64, 128 or 256 and no attention softcap")
-        blocked = kv == "int8" or blocked_keys(cfg, dtype, layout)
+        if kv == "int8" and not plan.int8_kv_for(cfg, dtype, layout):
+            raise LeanLMError(INT8_KV_NEEDS)
+        self.layout = layout_of(cfg, dtype, layout, kv, plan)
+        blocked = self.layout.startswith(("int8/", "blocked/"))
+        native = plan.int8_kv and torch.device(layout or "cpu").type == "cpu"
         for w in cfg.layer_windows:
             if w not in self.slot_pos:
                 size = max_len if w is None else min(max_len, w + chunk)
@@ -213,13 +217,19 @@ class ModelCache:
                 self.layers.append(LatentBuffer(batch, pos.shape[1], m.kv_rank, m.rope_dim, w, dtype, pos, device))
                 continue
             args = (batch, cfg.n_kv_heads, pos.shape[1], cfg.head_dim, w, dtype, pos, device)
-            self.layers.append(Int8KVBuffer(*args) if kv == "int8" else KVBuffer(*args, blocked=blocked))
+            self.layers.append(Int8KVBuffer(*args, native=native) if kv == "int8" else
+                               KVBuffer(*args, blocked=blocked, native=native))
         self.kv_len = 0
 
     @classmethod
     def for_model(cls, model: Transformer, batch: int, max_len: int, chunk: int) -> ModelCache:
-        """A cache for `model`: its config, compute dtype, device and K/V cache type (`model.kv_cache`)."""
-        return cls(model.cfg, batch, max_len, chunk, model.dtype, model.device, model.kv_cache)
+        """A cache for `model`: its config, compute dtype, device, K/V cache type (`model.kv_cache`) and plan."""
+        return cls(model.cfg, batch, max_len, chunk, model.dtype, model.device, model.kv_cache, plan=model.plan)
+
+    @staticmethod
+    def layout_for(model: Transformer) -> str:
+        """The `layout` of the caches `for_model` builds."""
+        return layout_of(model.cfg, model.dtype, model.device, model.kv_cache, model.plan)
 
     def prepare(self, positions: torch.Tensor, kv_len: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Record the new positions (B, T) in the slot tables; per layer, (slots (B, T), mask (B, 1, T, S')).
@@ -245,7 +255,7 @@ class ModelCache:
         if (lo, hi) in views:
             return views[lo, hi]
         view = ModelCache.__new__(ModelCache)
-        view.max_len, view.chunk, view.kv_len = self.max_len, self.chunk, self.kv_len
+        view.max_len, view.chunk, view.kv_len, view.layout = self.max_len, self.chunk, self.kv_len, self.layout
         view.slot_pos = {w: t[lo:hi] for w, t in self.slot_pos.items()}
         view.layers = [b.rows(lo, hi, view.slot_pos[b.window]) for b in self.layers]
         views[lo, hi] = view

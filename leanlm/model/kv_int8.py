@@ -17,15 +17,14 @@ from __future__ import annotations
 
 import torch
 
-from leanlm.kernels import build as native
-
 BLOCK = 16
 
 
-def native_writes(x: torch.Tensor) -> bool:
-    """Do cache writes and reads of `x`'s device go through our operators (kernels/cache_ops.cpp: the same bits
-    as the PyTorch code beside each, in one pass)? Not inside a graph being compiled."""
-    return x.device.type == "cpu" and not torch.compiler.is_compiling() and native.int8_attention()
+def native_writes(x: torch.Tensor, native: bool) -> bool:
+    """Do cache writes and reads of `x` go through our operators (kernels/cache_ops.cpp: the same bits as the
+    PyTorch code beside each, in one pass)? Where the buffer's plan has them (`native`, the plan's int8_kv), on
+    the CPU, and not inside a graph being compiled."""
+    return native and x.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -43,9 +42,11 @@ class Int8KVBuffer:
     blocked = True
 
     def __init__(self, batch: int, n_kv: int, size: int, head_dim: int, window: int | None,
-                 dtype: torch.dtype, pos: torch.Tensor, device: torch.device | str | None = None) -> None:
+                 dtype: torch.dtype, pos: torch.Tensor, device: torch.device | str | None = None,
+                 native: bool = False) -> None:
+        """native: writes and reads on kernels/cache_ops.cpp (the plan's int8_kv, kernels/plan.py)."""
         assert size % BLOCK == 0 and head_dim % 4 == 0
-        self.window, self.pos, self.dtype = window, pos, dtype
+        self.window, self.pos, self.dtype, self.native = window, pos, dtype, native
         self.k = torch.zeros(batch, n_kv, size // BLOCK, head_dim // 4, BLOCK, 4, dtype=torch.uint8, device=device)
         self.v = torch.zeros(batch, n_kv, size, head_dim, dtype=torch.int8, device=device)
         self.k_scale = torch.zeros(batch, n_kv, size, device=device)
@@ -57,7 +58,7 @@ class Int8KVBuffer:
 
     def write(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store new keys/values (B, n_kv, T, hd) at slots (B, T), quantized."""
-        if native_writes(k):
+        if native_writes(k, self.native):
             torch.ops.leanlm_native.cache_write(self.tensors(), slots, k, v)
             return
         B, n_kv, T, hd = k.shape
@@ -78,7 +79,7 @@ class Int8KVBuffer:
     def view(self, kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Dequantized k, v (B, n_kv, n, hd) in the compute dtype (a copy) for prompts and other paths."""
         n = min(kv_len, self.size)
-        if native_writes(self.v):
+        if native_writes(self.v, self.native):
             return torch.ops.leanlm_native.cache_rows(self.tensors(), n)
         B, n_kv, nb, quarter = self.k.shape[:4]
         k = self.k.permute(0, 1, 2, 4, 3, 5).reshape(B, n_kv, nb * BLOCK, quarter * 4)[:, :, :n]
@@ -89,7 +90,7 @@ class Int8KVBuffer:
     def rows(self, lo: int, hi: int, pos: torch.Tensor) -> Int8KVBuffer:
         """This buffer's batch rows lo..hi-1 (views sharing memory), with the slot table `pos` for them."""
         view = Int8KVBuffer.__new__(Int8KVBuffer)
-        view.window, view.pos, view.dtype = self.window, pos, self.dtype
+        view.window, view.pos, view.dtype, view.native = self.window, pos, self.dtype, self.native
         view.k, view.k_scale, view.v, view.v_scale = (t[lo:hi] for t in self.tensors())
         return view
 

@@ -6,11 +6,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from leanlm.kernels import build as native
+from leanlm.kernels.plan import KernelPlan
 from leanlm.model.config import ModelConfig
 
 
 class RMSNorm(nn.Module):
+    native = False  # bf16 rows on kernels/rowops.cpp (`use_plan`)
+
     def __init__(self, dim: int, eps: float, add_one: bool = False) -> None:
         super().__init__()
         self.eps, self.add_one = eps, add_one
@@ -18,18 +20,18 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight.float() + 1.0 if self.add_one else self.weight.float()
-        if x.dtype == torch.bfloat16 and x.device.type == "cpu" and _native_rows():  # the same math, one pass
+        if x.dtype == torch.bfloat16 and x.device.type == "cpu" and self.native:  # the same math, one pass
             return torch.ops.leanlm_native.rms_norm(x, w, self.eps)  # (kernels/rowops.cpp)
         return F.rms_norm(x.float(), w.shape, w, self.eps).to(x.dtype)  # normalise in fp32
 
-
-def _native_rows() -> bool:
-    """Norms and gated activations of bf16 rows on our operators? (marked by compiled.py as above)"""
-    return native.row_ops()
+    def use_plan(self, plan: KernelPlan) -> None:
+        self.native = plan.row_ops
 
 
 class FeedForward(nn.Module):
     """Gated MLP: w2(act(w1 x) * w3 x)  (w1 = gate, w3 = up, w2 = down)."""
+
+    native = False  # the gated activation of bf16 rows on kernels/rowops.cpp (`use_plan`)
 
     def __init__(self, cfg: ModelConfig, hidden_dim: int | None = None) -> None:
         super().__init__()
@@ -45,7 +47,10 @@ class FeedForward(nn.Module):
             g, u = self.w13(x).chunk(2, dim=-1)
         else:
             g, u = self.w1(x), self.w3(x)
-        if g.dtype == torch.bfloat16 and g.device.type == "cpu" and _native_rows():  # the same math, one pass
+        if g.dtype == torch.bfloat16 and g.device.type == "cpu" and self.native:  # the same math, one pass
             return self.w2(torch.ops.leanlm_native.gated(g, u, int(self.act != "silu")))  # (kernels/rowops.cpp)
         g = F.silu(g) if self.act == "silu" else F.gelu(g, approximate="tanh")
         return self.w2(g * u)
+
+    def use_plan(self, plan: KernelPlan) -> None:
+        self.native = plan.row_ops

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from leanlm.kernels.plan import KernelPlan
 from leanlm.model.attention import Attention
 from leanlm.model.cache import KVBuffer, ModelCache, attention_mask
 from leanlm.model.config import ModelConfig
@@ -56,6 +57,17 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps, cfg.norm_add_one)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.apply_plan(KernelPlan.resolve())
+
+    def apply_plan(self, plan: KernelPlan) -> None:
+        """Run on the kernels of `plan` (kernels/plan.py): kept as `self.plan` (caches take it from here) and
+        handed to every module that has routes, which fixes them now rather than at each call. Modules swapped
+        in later (quantized, fused) are planned again by the loader (llm.load)."""
+        self.plan = plan
+        plan.use_process_wide()
+        for mod in self.modules():
+            if mod is not self and hasattr(mod, "use_plan"):
+                mod.use_plan(plan)
 
     @property
     def device(self) -> torch.device:

@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from gguf import GGMLQuantizationType
 from torch import nn
 
-from leanlm.kernels import build as native
 from leanlm.kernels.build import int4_dense
+from leanlm.kernels.plan import KernelPlan
 
 Q = GGMLQuantizationType
 INT4_TYPES = (Q.Q4_0, Q.Q4_1, Q.Q4_K)
@@ -118,25 +118,30 @@ def _pad16(t: torch.Tensor) -> torch.Tensor:
 _WIDTHS = {4: 4, 5: 5, 6: 6, 7: 8, 8: 8}  # code bits -> the kernel's widths (4 + extra bit planes)
 
 
-def _vnni_fits(parts: Int4Parts) -> bool:
+def _vnni_fits(parts: Int4Parts, plan: KernelPlan) -> bool:
     wide = parts.wide is not None and (parts.wide[1].shape[1] * GROUP == parts.wide[0].shape[1]
                                        or int(parts.wide[0].max()) < 64)  # 16-wide scales: 6 bits at most
     one_plane = wide or (parts.g == GROUP and all(m == 1.0 for m in parts.mults))
-    return parts.q.device.type == "cpu" and parts.q.shape[1] % GROUP == 0 and one_plane and native.int4_vnni()
+    return parts.q.device.type == "cpu" and parts.q.shape[1] % GROUP == 0 and one_plane and plan.int4_vnni
 
 
 class Int4Linear(nn.Module):
     """y = x W^T (+ b) with W stored as int4 codes, scales per group of 32: in our VNNI layout (buffers w4,
     scales, mins) where the CPU has it, else packed for PyTorch's kernel (packed, scales_zeros)."""
 
-    def __init__(self, parts: Int4Parts, bias: torch.Tensor | None = None):
+    c_dense = False  # PyTorch's layout unpacked to dense bf16 by our C kernel for prefill (`use_plan`)
+
+    def __init__(self, parts: Int4Parts, bias: torch.Tensor | None = None, plan: KernelPlan | None = None):
+        """plan: the kernels to lay the weight out for (default: this process's, kernels/plan.py)."""
         super().__init__()
+        plan = plan or KernelPlan.resolve(parts.q.device)
+        self.use_plan(plan)
         self.out_features, k_expanded = parts.q.shape
         self.in_features = k_expanded // len(parts.mults)
         self.g = parts.g
         self.register_buffer("bias", bias.to(torch.bfloat16) if bias is not None else None)
         self.bits = 4
-        if _vnni_fits(parts):
+        if _vnni_fits(parts, plan):
             if parts.wide is not None:  # one plane of wider codes: 5, 6 (Q6_K: 16-wide scales) or 8 bits
                 c, s, b = parts.wide
                 self.planes, self.bits = 1, _WIDTHS[max(4, int(c.max()).bit_length())]
@@ -157,6 +162,10 @@ class Int4Linear(nn.Module):
         mults = None if parts.mults == (1.0,) else torch.tensor(parts.mults, dtype=torch.bfloat16).view(1, 1, -1, 1)
         self.register_buffer("mults", mults, persistent=False)
 
+    def use_plan(self, plan: KernelPlan) -> None:
+        """Routes of this module under `plan` (Transformer.apply_plan); the layout stays as built."""
+        self.c_dense = plan.c_kernels
+
     @staticmethod
     def cat(mods: list[Int4Linear]) -> Int4Linear | None:
         """One Int4Linear computing the outputs of `mods` (same input) side by side, or None when their
@@ -169,7 +178,7 @@ class Int4Linear(nn.Module):
                 return None
             new = Int4Linear.__new__(Int4Linear)
             nn.Module.__init__(new)
-            new.in_features, new.g, new.planes = first.in_features, first.g, first.planes
+            new.in_features, new.g, new.planes, new.c_dense = first.in_features, first.g, first.planes, first.c_dense
             new.out_features, new.bits = sum(m.out_features for m in mods), max(m.bits for m in mods)
             k = first.scales.shape[1] * GROUP  # codes per row (the expanded input)
             new.register_buffer("w4", torch.cat([m.w4 if m.bits == new.bits else  # narrower codes widened
@@ -186,7 +195,7 @@ class Int4Linear(nn.Module):
             return None
         new = Int4Linear.__new__(Int4Linear)
         nn.Module.__init__(new)
-        new.in_features, new.g, new.planes, new.bits = first.in_features, first.g, 0, 4
+        new.in_features, new.g, new.planes, new.bits, new.c_dense = first.in_features, first.g, 0, 4, first.c_dense
         new.out_features = sum(m.out_features for m in mods)
         new.register_buffer("packed", torch.cat([m.packed for m in mods]))
         new.register_buffer("scales_zeros", torch.cat([m.scales_zeros for m in mods], dim=1))
@@ -228,6 +237,8 @@ class Int4Linear(nn.Module):
         if self.planes:
             return torch.ops.leanlm_native.int4_dense(self.w4, self.scales, self.mins, self.planes,
                                                       self.in_features * self.planes)[:self.out_features]
+        if not self.c_dense:
+            return None
         return int4_dense(self.packed, self.scales_zeros, self.mults, self.g, self.out_features, self.packed_k)
 
     @property

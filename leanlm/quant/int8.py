@@ -16,8 +16,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from leanlm.kernels import build as native
 from leanlm.kernels.build import int8_matmul
+from leanlm.kernels.plan import KernelPlan
 
 ROWS_PER_STEP = 512  # rows decoded at a time: bounds load-time memory (640 columns: 1.25 MiB per fp32 temporary)
 
@@ -41,9 +41,9 @@ def quantize_rows(n_rows: int, rows: Callable[[int, int], torch.Tensor]) -> tupl
     return codes, scales
 
 
-def tiled_fits(codes: torch.Tensor) -> bool:
+def tiled_fits(codes: torch.Tensor, plan: KernelPlan) -> bool:
     """Can these (N, K) codes use kernels/int8_head.cpp (its tiles pair 32 outputs, its groups are 32 wide)?"""
-    return codes.device.type == "cpu" and codes.shape[0] % 32 == 0 and codes.shape[1] % 32 == 0 and native.int8_head()
+    return codes.device.type == "cpu" and codes.shape[0] % 32 == 0 and codes.shape[1] % 32 == 0 and plan.int8_head
 
 
 def head_pack(codes: torch.Tensor) -> torch.Tensor:
@@ -69,13 +69,22 @@ def tiled_rows(codes: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 class Int8Linear(nn.Module):
     """The output head: int8 codes with a bf16 scale per row, tiled for our VNNI kernel where it fits."""
 
-    def __init__(self, codes: torch.Tensor, scales: torch.Tensor) -> None:
-        """Takes codes (N, K) int8 over: where tiled, they are packed in place."""
+    kernel = 0  # untiled: build.int8_matmul's kernel (0 PyTorch's, 1 C, 2 C VNNI), set by `use_plan`
+
+    def __init__(self, codes: torch.Tensor, scales: torch.Tensor, plan: KernelPlan | None = None) -> None:
+        """Takes codes (N, K) int8 over: where tiled, they are packed in place. plan: the kernels to lay the
+        codes out for (default: this process's, kernels/plan.py)."""
         super().__init__()
+        plan = plan or KernelPlan.resolve(codes.device)
         self.out_features, self.in_features = codes.shape
-        self.tiled = tiled_fits(codes)
+        self.tiled = tiled_fits(codes, plan)
+        self.use_plan(plan)
         self.register_buffer("codes", head_pack(codes) if self.tiled else codes)  # (N, K) uint8 tiled / int8
         self.register_buffer("scales", scales)  # (N,) bf16
+
+    def use_plan(self, plan: KernelPlan) -> None:
+        """The untiled head's kernel under `plan` (Transformer.apply_plan); the layout stays as built."""
+        self.kernel = 0 if not plan.c_kernels else 2 if plan.vnni_head else 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(..., K) -> (..., N) in fp32 (these are logits: no rounding to bf16)."""
@@ -83,7 +92,7 @@ class Int8Linear(nn.Module):
         if self.tiled:
             y = torch.ops.leanlm_native.int8_mm(x2, self.codes, self.scales)  # (M, N)
         else:
-            y = int8_matmul(x2, self.codes, self.scales)  # (M, N)
+            y = int8_matmul(x2, self.codes, self.scales, self.kernel)  # (M, N)
         return y.view(*x.shape[:-1], self.out_features)
 
 

@@ -15,7 +15,7 @@ import torch
 from leanlm.errors import LeanLMError
 from leanlm.model.cache import ModelCache
 from leanlm.model.transformer import Transformer
-from leanlm.runtime.steps.compiled import DecodeStep, decode_step
+from leanlm.runtime.steps.eager import DecodeStep, decode_step
 
 Sampler = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 

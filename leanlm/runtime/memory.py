@@ -63,7 +63,8 @@ def weight_bytes(model: torch.nn.Module) -> int:
 
 def kv_bytes(model: Transformer, batch: int, ctx: int, chunk: int) -> int:
     """Bytes `ModelCache.for_model(model, batch, ctx, chunk)` allocates (built on the meta device)."""
-    cache = ModelCache(model.cfg, batch, ctx, chunk, model.dtype, "meta", model.kv_cache, layout_device=model.device)
+    cache = ModelCache(model.cfg, batch, ctx, chunk, model.dtype, "meta", model.kv_cache, layout_device=model.device,
+                       plan=model.plan)
     return cache.nbytes()
 
 

@@ -22,7 +22,7 @@ from leanlm.model.cache import ModelCache
 from leanlm.model.transformer import Transformer
 from leanlm.runtime.sampling import SamplingParams
 from leanlm.runtime.speculative import probs, recent
-from leanlm.runtime.steps.compiled import DecodeStep, decode_step
+from leanlm.runtime.steps.eager import DecodeStep, decode_step
 
 
 class PromptLookup:
@@ -123,7 +123,7 @@ def early_exit(model: Transformer, n_layers: int) -> Transformer:
     view.cfg = replace(model.cfg, n_layers=n_layers, layer_windows=model.cfg.layer_windows[:n_layers])
     view.tok_embeddings, view.norm, view.output = model.tok_embeddings, model.norm, model.output
     view.layers = nn.ModuleList(list(model.layers)[:n_layers])
-    view.kv_cache = model.kv_cache
+    view.kv_cache, view.plan = model.kv_cache, model.plan
     return view
 
 

@@ -37,7 +37,7 @@ from leanlm.model.cache import ModelCache
 from leanlm.model.transformer import Transformer
 from leanlm.runtime.generate import GenStats, prefill, token_budget
 from leanlm.runtime.sampling import SamplingParams, apply_repeat_penalty, filter_logits
-from leanlm.runtime.steps.compiled import DecodeStep, verify_step
+from leanlm.runtime.steps.eager import DecodeStep, verify_step
 
 
 class Proposer(Protocol):

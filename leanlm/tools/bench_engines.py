@@ -25,7 +25,7 @@ from leanlm.errors import LeanLMError
 
 if TYPE_CHECKING:
     from leanlm.model.transformer import Transformer
-    from leanlm.runtime.steps.compiled import DecodeStep
+    from leanlm.runtime.steps.eager import DecodeStep
 
 WARMUP_PROMPT, WARMUP_GEN = 16, 4
 N_BATCH = 512  # llama.cpp tokens per llama_decode call during prefill
@@ -99,7 +99,7 @@ def greedy_batch(model: Transformer, prompt: list[int], batch: int, gen: int, ch
 
     from leanlm.model.cache import ModelCache
     from leanlm.runtime.sampling import argmax
-    from leanlm.runtime.steps.compiled import decode_step
+    from leanlm.runtime.steps.eager import decode_step
 
     step = step or decode_step
     n, device = len(prompt), model.device

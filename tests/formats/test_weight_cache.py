@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -11,11 +12,12 @@ import torch
 
 import leanlm
 from leanlm.formats import weight_cache
+from leanlm.kernels.plan import KernelPlan
 
 
 @pytest.fixture()
 def cache_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv("LEANLM_CACHE", str(tmp_path))
+    monkeypatch.setenv("LEANLM_HOME", str(tmp_path))
     monkeypatch.setenv("LEANLM_WEIGHT_CACHE", "1")
     return tmp_path
 
@@ -29,7 +31,7 @@ def test_second_load_maps_the_saved_model_and_computes_the_same(smol_path: Path,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     ids = [1, 504, 3458, 314, 4352, 314]
     first = leanlm.load(smol_path, progress=False, compile="off")
-    entry = weight_cache.entry(smol_path, torch.bfloat16)
+    entry = weight_cache.entry(smol_path, torch.bfloat16, KernelPlan.resolve())
     assert entry.exists() and entry.parent == cache_home / "weights"
     again = leanlm.load(smol_path, progress=False, compile="off")
     assert _mapped(entry)  # buffers are views of the file, not a second copy in the heap
@@ -45,23 +47,25 @@ def test_second_load_maps_the_saved_model_and_computes_the_same(smol_path: Path,
 
 
 def test_entry_follows_the_file_and_ignores_damage(smol_path: Path, cache_home: Path) -> None:
+    plan = KernelPlan.resolve()
     copy = cache_home / "model.gguf"
     shutil.copyfile(smol_path, copy)
-    entry = weight_cache.entry(copy, torch.bfloat16)
-    assert entry != weight_cache.entry(copy, torch.float16)
+    entry = weight_cache.entry(copy, torch.bfloat16, plan)
+    assert entry != weight_cache.entry(copy, torch.float16, plan)
+    assert entry != weight_cache.entry(copy, torch.bfloat16, replace(plan, int4_vnni=not plan.int4_vnni))
     entry.parent.mkdir(parents=True)
-    stale, other_dtype = entry, weight_cache.entry(copy, torch.float16)
+    stale, other_dtype = entry, weight_cache.entry(copy, torch.float16, plan)
     stale.write_bytes(b"an entry of the file before it changed")
     other_dtype.write_bytes(b"an entry for another dtype")
     os.utime(copy, ns=(1, 1))  # a rewritten file (new modification time) is another entry
-    assert weight_cache.entry(copy, torch.bfloat16) != entry
-    entry = weight_cache.entry(copy, torch.bfloat16)
+    assert weight_cache.entry(copy, torch.bfloat16, plan) != entry
+    entry = weight_cache.entry(copy, torch.bfloat16, plan)
     entry.write_bytes(b"not a saved model")
-    assert weight_cache.load(copy, torch.bfloat16) is None
+    assert weight_cache.load(copy, torch.bfloat16, plan) is None
     llm = leanlm.load(copy, progress=False, compile="off")  # loads the GGUF again and rewrites the entry
-    assert weight_cache.load(copy, torch.bfloat16) is not None
+    assert weight_cache.load(copy, torch.bfloat16, plan) is not None
     assert not stale.exists() and other_dtype.exists()  # the replaced entry is gone, another dtype's stays
-    assert llm.tokenizer.encode("Hi") == weight_cache.load(copy, torch.bfloat16)[1].encode("Hi")
+    assert llm.tokenizer.encode("Hi") == weight_cache.load(copy, torch.bfloat16, plan)[1].encode("Hi")
 
 
 def test_saved_tensors_come_back_as_views_of_one_mapping(smol_path: Path, cache_home: Path,
@@ -74,10 +78,11 @@ def test_saved_tensors_come_back_as_views_of_one_mapping(smol_path: Path, cache_
            "param": torch.nn.Parameter(torch.randn(3, 4, dtype=torch.bfloat16), requires_grad=False),
            "empty": torch.empty(0, 7), "bools": torch.tensor([True, False, True])}
     where = cache_home / "entry.lwc"
-    monkeypatch.setattr(weight_cache, "entry", lambda path, dtype: where)
+    monkeypatch.setattr(weight_cache, "entry", lambda path, dtype, plan: where)
     monkeypatch.setattr(weight_cache, "Transformer", dict)  # the round trip of a plain dict, not a model
-    assert weight_cache.save(obj, "tok", smol_path, torch.bfloat16) == where
-    got, tok = weight_cache.load(smol_path, torch.bfloat16)
+    plan = KernelPlan.resolve()
+    assert weight_cache.save(obj, "tok", smol_path, torch.bfloat16, plan) == where
+    got, tok = weight_cache.load(smol_path, torch.bfloat16, plan)
     assert tok == "tok" and got.keys() == obj.keys() and isinstance(got["param"], torch.nn.Parameter)
     for k, v in obj.items():
         assert got[k].dtype == v.dtype and got[k].stride() == v.stride() and torch.equal(got[k], v), k

@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import pytest
 import torch
 from helpers import needs_cpu
 
 from leanlm.kernels import build as native
+from leanlm.kernels.plan import KernelPlan
+
+PLAN = KernelPlan.resolve()  # this machine's kernels under the environment's switches
+
+
+@pytest.fixture()
+def amx_switch():  # noqa: ANN201
+    """Switches AMX tiles off and on for the process (kernels/amx.cpp), and back on after the test."""
+    yield torch.ops.leanlm_native.amx_allow
+    torch.ops.leanlm_native.amx_allow(True)
 
 
 def reference(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -20,16 +31,17 @@ def reference(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> tor
 @pytest.mark.parametrize(("m", "k"), [(1, 576), (3, 576), (4, 576), (9, 576), (1, 37), (9, 37),
                                       (native.MAX_ROWS + 1, 576)])
 @pytest.mark.parametrize("vnni", ["1", "0"])
-def test_int8_matmul_is_exact_float_math(m: int, k: int, vnni: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_int8_matmul_is_exact_float_math(m: int, k: int, vnni: str) -> None:
     """fp32 math, or with VNNI (where the CPU has it) exact integer math on activations quantised per row."""
-    monkeypatch.setenv("LEANLM_VNNI", vnni)
+    plan = KernelPlan.resolve(env={"LEANLM_VNNI": vnni})
     g = torch.Generator().manual_seed(k + m)
     codes = torch.randint(-127, 128, (1000, k), dtype=torch.int8, generator=g)
     scales = (torch.rand(1000, generator=g) / 50).to(torch.bfloat16)
     x = torch.randn(m, k, generator=g).to(torch.bfloat16)
-    got = native.int8_matmul(x, codes, scales)
+    kernel = 0 if not plan.c_kernels else 2 if plan.vnni_head else 1  # as Int8Linear.use_plan chooses
+    got = native.int8_matmul(x, codes, scales, kernel)
     ref = reference(x, codes, scales)
-    if native.vnni_head() and m <= native.MAX_ROWS:  # x rounded to int16 with one scale per row, then exact
+    if plan.vnni_head and m <= native.MAX_ROWS:  # x rounded to int16 with one scale per row, then exact
         d = x.float().abs().amax(1, keepdim=True) / 32767  # in fp32, as the kernel does
         ref = reference(torch.round(x.float() / d).double() * d.double(), codes, scales)
     assert got.dtype == torch.float32 and got.shape == (m, 1000)
@@ -44,7 +56,19 @@ def test_native_library_builds_here() -> None:
     the VNNI head is used wherever the CPU has AVX-512 VNNI."""
     assert native.library() is not None
     flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
-    assert native.vnni_head() == (" avx512_vnni" in flags and " avx512bw" in flags)
+    assert PLAN.c_kernels and PLAN.vnni_head == (" avx512_vnni" in flags and " avx512bw" in flags)
+
+
+def test_the_plan_reads_the_switches_and_keys_what_they_choose() -> None:
+    """kernels/plan.py: one place reads every LEANLM_* kernel switch; the key covers what chooses a layout or a
+    route (not whether loaded models are saved); off the CPU, or with LEANLM_NATIVE=0, PyTorch runs everything."""
+    off = KernelPlan.resolve(env={"LEANLM_NATIVE": "0", "LEANLM_WEIGHT_CACHE": "0"})
+    assert off == KernelPlan(weight_cache=False)
+    assert off.key() == KernelPlan.resolve(env={"LEANLM_NATIVE": "0"}).key() != PLAN.key()
+    assert KernelPlan.resolve("meta") == KernelPlan(device="meta")
+    assert not KernelPlan.resolve(env={"LEANLM_BLOCKED_KEYS": "0"}).blocked_keys
+    assert not KernelPlan.resolve(env={"LEANLM_NATIVE_STEP": "0"}).native_step
+    assert KernelPlan.resolve(env={"LEANLM_VNNI": "0"}).int4_vnni is False
 
 
 @pytest.mark.parametrize(("n", "k", "mults", "g"), [(128, 96, (1.0,), 32), (192, 64, (1.0, 16.0), 32),
@@ -81,12 +105,12 @@ def test_loading_the_kernels_keeps_subnormal_floats() -> None:
 
 
 # --- 4-bit weights on VNNI (kernels/int4_vnni.cpp) --------------------------------------------------------------
-needs_vnni = needs_cpu("vnni", available=native.int4_vnni(), reason="no AVX-512 VNNI here (PyTorch's int4 kernel runs)")
+needs_vnni = needs_cpu("vnni", available=PLAN.int4_vnni, reason="no AVX-512 VNNI here (PyTorch's int4 kernel runs)")
 
 
 def test_int4_vnni_is_used_where_the_cpu_has_it() -> None:
     flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
-    assert native.int4_vnni() == (" avx512_vnni" in flags and " avx512bw" in flags)
+    assert PLAN.int4_vnni == (" avx512_vnni" in flags and " avx512bw" in flags)
 
 
 def _vnni_linear(n: int, k: int, planes: int, seed: int, bits: int = 4):  # noqa: ANN202
@@ -154,7 +178,7 @@ def test_int4_vnni_dense_and_fused_modules(monkeypatch: pytest.MonkeyPatch) -> N
 
 # --- few-query attention (kernels/attention.cpp) ----------------------------------------------------------------
 @pytest.mark.avx512
-@pytest.mark.skipif(not native.attention(), reason="no AVX-512 BF16 here (the fp32 reductions in model.py run)")
+@pytest.mark.skipif(not PLAN.attention, reason="no AVX-512 BF16 here (the fp32 reductions in model.py run)")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(("B", "H", "KV", "T", "hd", "S"), [(2, 9, 3, 5, 64, 300), (1, 4, 1, 3, 256, 33),
                                                            (1, 4, 2, 2, 128, 7), (1, 2, 2, 1, 48, 20)])
@@ -179,7 +203,7 @@ def test_attention_operator_is_the_reference_math(dtype: torch.dtype, B: int, H:
 
 # --- prompt attention (kernels/flash.cpp) ------------------------------------------------------------------------
 @pytest.mark.avx512
-@pytest.mark.skipif(not native.flash_attention(), reason="no AVX-512 BF16 here (SDPA runs)")
+@pytest.mark.skipif(not PLAN.flash, reason="no AVX-512 BF16 here (SDPA runs)")
 @pytest.mark.parametrize(("B", "H", "KV", "T", "hd", "S", "window", "rolling"),
                          [(1, 4, 1, 100, 256, 300, 64, False), (2, 9, 3, 37, 64, 70, None, False),
                           (1, 8, 2, 33, 128, 33, None, False), (1, 4, 4, 20, 96, 41, 7, False),
@@ -236,25 +260,25 @@ def test_int4_vnni_rows_do_not_depend_on_their_company() -> None:
 
 
 @pytest.mark.amx
-@pytest.mark.skipif(not native.amx(), reason="no AMX here (or not granted to this process)")
+@pytest.mark.skipif(not PLAN.amx, reason="no AMX here (or not granted to this process)")
 @pytest.mark.parametrize(("n", "k", "bits"), [(48, 576, 4), (40, 640, 5), (32, 96, 6), (32, 640, 8)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_amx_tiles_score_exactly_like_the_vnni_loops(n: int, k: int, bits: int, dtype: torch.dtype,
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+                                                      amx_switch: Callable[[bool], None]) -> None:
     """Prompts and batches of 32 rows or more take AMX tiles (kernels/amx.cpp): every row must be the same bits as
     on the VNNI loops (a prompt's last row and a decode step score alike), whatever the row count's remainder."""
     lin, _ = _vnni_linear(n, k, 1, n + k, bits)
     x = torch.randn(95, k, generator=torch.Generator().manual_seed(k)).to(dtype)
     for m in (32, 33, 47, 64, 79, 95):
-        monkeypatch.setenv("LEANLM_AMX", "0")
+        amx_switch(False)
         ref = lin(x[:m])
-        monkeypatch.setenv("LEANLM_AMX", "1")
+        amx_switch(True)
         assert torch.equal(lin(x[:m]), ref)
 
 
 @pytest.mark.amx
-@pytest.mark.skipif(not native.amx(), reason="no AMX here (or not granted to this process)")
-def test_amx_tiles_with_16_wide_scales(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.skipif(not PLAN.amx, reason="no AMX here (or not granted to this process)")
+def test_amx_tiles_with_16_wide_scales(amx_switch: Callable[[bool], None]) -> None:
     """Q6_K's half-group scales on AMX: two products per group, the same bits as the VNNI loops."""
     from leanlm.quant.int4 import Int4Linear, Int4Parts
 
@@ -266,14 +290,14 @@ def test_amx_tiles_with_16_wide_scales(monkeypatch: pytest.MonkeyPatch) -> None:
     lin = Int4Linear(Int4Parts(planes, torch.ones(n, k // 16), torch.zeros(n, k // 16), 16, (1.0, 8.0),
                                (codes, scale, (-32 * scale).half().float())))
     x = torch.randn(77, k, generator=gen).bfloat16()
-    monkeypatch.setenv("LEANLM_AMX", "0")
+    amx_switch(False)
     ref = lin(x)
-    monkeypatch.setenv("LEANLM_AMX", "1")
+    amx_switch(True)
     assert torch.equal(lin(x), ref)
 
 
 @pytest.mark.vnni
-@pytest.mark.skipif(not native.int8_head(), reason="no AVX-512 VNNI here (native.int8_matmul runs)")
+@pytest.mark.skipif(not PLAN.int8_head, reason="no AVX-512 VNNI here (native.int8_matmul runs)")
 @pytest.mark.parametrize(("m", "k"), [(1, 576), (3, 640), (5, 64), (9, 576)])
 def test_int8_head_is_exact_integer_math(m: int, k: int) -> None:
     """The tiled head: x quantised to int8 per group of 32 (as the int4 kernel does), then exact products
@@ -324,7 +348,7 @@ def test_int4_vnni_16_wide_scales(m: int) -> None:
 
 # --- row operators (kernels/rowops.cpp) ----------------------------------------------------------------------
 @pytest.mark.avx512
-@pytest.mark.skipif(not native.argmax(), reason="no AVX-512 here (torch.argmax runs)")
+@pytest.mark.skipif(not PLAN.argmax, reason="no AVX-512 here (torch.argmax runs)")
 @pytest.mark.parametrize("V", [1, 17, 49152, 262147])
 def test_argmax_operator_is_torch_argmax(V: int) -> None:
     """Greedy decoding's choice: the first maximum on ties (within and across lanes, in the tail past the
@@ -343,7 +367,7 @@ def test_argmax_operator_is_torch_argmax(V: int) -> None:
 
 
 @pytest.mark.avx512
-@pytest.mark.skipif(not native.row_ops(), reason="no AVX-512 BF16 here (model.py's PyTorch ops run)")
+@pytest.mark.skipif(not PLAN.row_ops, reason="no AVX-512 BF16 here (model.py's PyTorch ops run)")
 def test_row_operators_match_pytorch() -> None:
     """rms_norm and gated activations on bf16 rows: the fp32 (norm) and float64 (activations) results rounded
     once per op, to within one bf16 step (the sum's order, rsqrt and exp differ in the last fp32 bit)."""

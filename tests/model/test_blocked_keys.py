@@ -7,10 +7,10 @@ import pytest
 import torch
 from helpers.tiny_models import random_transformer
 
-from leanlm.kernels import build as native
+from leanlm.kernels.plan import KernelPlan
 from leanlm.model.cache import BLOCK, KVBuffer, ModelCache, key_rows
 
-pytestmark = [pytest.mark.avx512, pytest.mark.skipif(not (native.attention() and native.flash_attention()),
+pytestmark = [pytest.mark.avx512, pytest.mark.skipif(not KernelPlan.resolve().blocked_keys,
                                                      reason="no AVX-512 BF16 here (keys stay in rows)")]
 
 

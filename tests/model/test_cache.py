@@ -92,3 +92,28 @@ def test_sliding_cache_bytes_do_not_grow_with_length() -> None:
     small = ModelCache(cfg, 1, 1000, 8, torch.float16, device="meta").nbytes()
     big = ModelCache(cfg, 1, 100_000, 8, torch.float16, device="meta").nbytes()
     assert small == big
+
+
+def test_cache_layout_follows_the_plan() -> None:
+    """`ModelCache.layout` names how K/V are kept, as the model's kernel plan decides (kernels/plan.py): what a
+    compiled step checks its caches against. Built on the meta device, laid out as on the CPU."""
+    from dataclasses import replace
+
+    from leanlm.kernels.plan import KernelPlan
+
+    cfg = tiny((None, 4), dim=128, n_heads=2, n_kv_heads=1, head_dim=64).cfg
+    torch_only = KernelPlan()
+    ours = replace(torch_only, attention=True, flash=True, blocked_keys=True, int8_kv=True)
+
+    def layout(dtype: torch.dtype, plan: KernelPlan, kv: str = "auto") -> str:
+        c = ModelCache(cfg, 1, 40, 8, dtype, "meta", kv, layout_device="cpu", plan=plan)
+        assert all(b.blocked == c.layout.startswith(("blocked", "int8")) for b in c.layers)
+        return c.layout
+
+    assert layout(torch.bfloat16, torch_only) == "rows/bfloat16"
+    assert layout(torch.bfloat16, ours) == "blocked/bfloat16"
+    assert layout(torch.bfloat16, ours, "int8") == "int8/bfloat16"
+    assert layout(torch.float32, ours) == "rows/float32"  # our attention kernels are bf16 only
+    assert layout(torch.bfloat16, replace(ours, blocked_keys=False)) == "rows/bfloat16"
+    assert ModelCache(cfg, 2, 40, 8, torch.bfloat16, "meta", layout_device="cpu", plan=ours).rows(0, 1).layout == \
+        "blocked/bfloat16"

@@ -10,11 +10,11 @@ from helpers import FIXTURES, needs_cpu
 from helpers.tiny_models import random_transformer
 
 from leanlm.errors import LeanLMError
-from leanlm.kernels import build as native
+from leanlm.kernels.plan import KernelPlan
 from leanlm.model.cache import KVBuffer, ModelCache
 from leanlm.model.kv_int8 import Int8KVBuffer, quantize_rows
 
-needs_kernels = needs_cpu("vnni", "avx512", available=native.int8_attention(), reason="no AVX-512 VNNI/BF16 here")
+needs_kernels = needs_cpu("vnni", "avx512", available=KernelPlan.resolve().int8_kv, reason="no AVX-512 VNNI/BF16 here")
 
 
 def test_rows_quantize_to_codes_within_half_a_step() -> None:
@@ -50,26 +50,22 @@ def test_buffer_keeps_codes_and_views_dequantized_rows() -> None:
 
 @needs_kernels
 @pytest.mark.parametrize("int8", [False, True])
-def test_cache_operators_write_and_read_the_same_bits_as_pytorch(int8: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cache_operators_write_and_read_the_same_bits_as_pytorch(int8: bool) -> None:
     """kernels/cache_ops.cpp against the PyTorch code it replaces: int8 and blocked bf16 buffers, random slots
     of a batch, head dims 64 and 256; the dequantized rows too."""
-    from leanlm.model import cache, kv_int8
-
     g = torch.Generator().manual_seed(3)
     for hd in (64, 256):
         pos = torch.zeros(3, 32, dtype=torch.long)
         args = (3, 2, 32, hd, None, torch.bfloat16, pos)
-        ours, ref = (Int8KVBuffer(*args) if int8 else KVBuffer(*args, blocked=True) for _ in range(2))
+        ours, ref = (Int8KVBuffer(*args, native=native) if int8 else KVBuffer(*args, blocked=True, native=native)
+                     for native in (True, False))  # our operators, and the PyTorch code beside them
         for T in (7, 1, 2):
             slots = torch.stack([torch.randperm(32, generator=g)[:T] for _ in range(3)])
             k = torch.randn(3, T, 2, hd, generator=g).bfloat16().transpose(1, 2)  # (B, KV, T, hd) strided
             v = torch.randn(3, 2, T, hd, generator=g).bfloat16() * 5
             ours.write(slots, k, v)
-            with monkeypatch.context() as mp:
-                mp.setattr(kv_int8, "native_writes", lambda x: False)
-                mp.setattr(cache, "native_writes", lambda x: False)
-                ref.write(slots, k, v)
-                want = ref.view(29)
+            ref.write(slots, k, v)
+            want = ref.view(29)
         assert all(torch.equal(a, b) for a, b in zip(ours.tensors(), ref.tensors()))
         assert all(torch.equal(a, b) for a, b in zip(ours.view(29), want))
 

@@ -6,6 +6,7 @@ other kv_len and (batched) other batch sizes: each of those is checked against t
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -14,9 +15,13 @@ import torch
 from helpers import FIXTURES
 from helpers.tiny_models import random_transformer
 
+from leanlm.errors import LeanLMError
 from leanlm.model.cache import ModelCache
 from leanlm.model.transformer import Transformer
-from leanlm.runtime.steps import compiled
+from leanlm.runtime.steps import compiled, eager, select
+from leanlm.runtime.steps.eager import StepKind
+
+ONE, BATCHED = StepKind.of(1), StepKind.of(2)
 
 
 def tiny(**kw) -> Transformer:
@@ -27,14 +32,14 @@ def tiny(**kw) -> Transformer:
 def steps(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """One model, its compiled steps for batch 1 and batch >= 2, in a private artifact folder."""
     mp = pytest.MonkeyPatch()
-    mp.setenv("LEANLM_CACHE", str(tmp_path_factory.mktemp("leanlm-cache")))
+    mp.setenv("LEANLM_HOME", str(tmp_path_factory.mktemp("leanlm-cache")))
     m = tiny()
-    out = {"model": m, 1: compiled.get_step(m, 1, "on"), 2: compiled.get_step(m, 2, "on")}
+    out = {"model": m, 1: compiled.build(m, ONE, "on"), 2: compiled.build(m, BATCHED, "on")}
     yield out
     mp.undo()
 
 
-def decode(m: Transformer, step: compiled.DecodeStep, ids: torch.Tensor, prompt: int, max_len: int,
+def decode(m: Transformer, step: eager.DecodeStep, ids: torch.Tensor, prompt: int, max_len: int,
            chunk: int = 3) -> torch.Tensor:
     """Prefill ids[:, :prompt] eagerly, then feed the rest through `step`; the decode logits (B, N, V)."""
     B, T = ids.shape
@@ -53,7 +58,7 @@ def test_compiled_step_equals_eager(steps: dict, batch: int, max_len: int) -> No
     """Full buffers of 40 and 97 slots, rolling buffers of 7 that wrap many times, batch 1, 2 and 5."""
     m = steps["model"]
     ids = torch.randint(0, 96, (batch, 40), generator=torch.Generator().manual_seed(batch))
-    ref = decode(m, compiled.decode_step, ids, 9, max_len)
+    ref = decode(m, eager.decode_step, ids, 9, max_len)
     got = decode(m, steps[1 if batch == 1 else 2], ids, 9, max_len)
     assert ref.shape == (batch, 31, 96)
     assert (got - ref).abs().max().item() < 1e-4
@@ -62,9 +67,9 @@ def test_compiled_step_equals_eager(steps: dict, batch: int, max_len: int) -> No
 def test_artifacts_are_saved_and_reused(steps: dict) -> None:
     m = steps["model"]
     files = sorted(compiled.cache_dir().glob("decode-*.bin"))
-    assert [f.name for f in files] == sorted(f"decode-{compiled.layout_key(m, b)}.bin" for b in (1, 2))
-    again = compiled.get_step(m, 1, "auto")  # loads from disk: no compile
-    assert again is not compiled.decode_step
+    assert [f.name for f in files] == sorted(f"decode-{compiled.layout_key(m, k)}.bin" for k in (ONE, BATCHED))
+    again = compiled.build(m, ONE, "auto")  # loads from disk: no compile
+    assert again is not None and again.backend == "compiled" and select(m, ONE, "auto").backend == "compiled"
     ids = torch.randint(0, 96, (1, 20), generator=torch.Generator().manual_seed(7))
     assert torch.equal(decode(m, again, ids, 5, 30), decode(m, steps[1], ids, 5, 30))
 
@@ -72,18 +77,36 @@ def test_artifacts_are_saved_and_reused(steps: dict) -> None:
 def test_layout_key_tracks_what_the_graph_depends_on(steps: dict, tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     m = steps["model"]
-    assert compiled.layout_key(m, 1) == compiled.layout_key(tiny(), 1)  # same layout, other weights object
-    assert compiled.layout_key(m, 1) != compiled.layout_key(m, 2)
-    assert compiled.layout_key(m, 2) == compiled.layout_key(m, 32)
-    assert compiled.layout_key(m, 1) != compiled.layout_key(tiny(post_norms=True), 1)
+    assert compiled.layout_key(m, ONE) == compiled.layout_key(tiny(), ONE)  # same layout, other weights object
+    assert compiled.layout_key(m, ONE) != compiled.layout_key(m, BATCHED)
+    assert compiled.layout_key(m, BATCHED) == compiled.layout_key(m, StepKind.of(32))
+    assert compiled.layout_key(m, ONE) != compiled.layout_key(tiny(post_norms=True), ONE)
+    other = tiny()  # the same weights on other kernels: the modules took other routes
+    other.apply_plan(replace(m.plan, attention=not m.plan.attention))
+    assert compiled.layout_key(m, ONE) != compiled.layout_key(other, ONE)
     # nothing built for this layout yet: auto stays eager, off is always eager
-    monkeypatch.setenv("LEANLM_CACHE", str(tmp_path))
-    assert compiled.get_step(m, 1, "auto") is compiled.decode_step
-    assert compiled.get_step(m, 1, "off") is compiled.decode_step
+    monkeypatch.setenv("LEANLM_HOME", str(tmp_path))
+    assert compiled.build(m, ONE, "auto") is None and select(m, ONE, "auto").backend == "eager"
+    assert compiled.build(m, ONE, "off") is None and select(m, ONE, "off").backend == "eager"
     assert not list(tmp_path.rglob("*.bin"))
 
 
-def check_decode_quality(smol_path: Path, llm: Any, step: compiled.DecodeStep, min_agree: float) -> None:
+def test_a_compiled_step_refuses_a_cache_of_another_layout(steps: dict) -> None:
+    """The graph indexes the cache's tensors as laid out when it was traced (torch's guards are off): a cache
+    kept otherwise (here bf16 K/V for a step traced with the model's fp32 ones) is refused, not misread."""
+    m = steps["model"]
+    ids = torch.randint(0, 96, (2, 20), generator=torch.Generator().manual_seed(5))
+    assert ModelCache.layout_for(m) == "rows/float32"
+    decode(m, steps[1], ids[:1], 5, 30)  # the layout it was traced with
+    other = ModelCache(m.cfg, 2, 30, 3, torch.bfloat16, plan=m.plan)
+    assert other.layout == "rows/bfloat16"
+    with torch.inference_mode(), pytest.raises(LeanLMError, match="built for a rows/float32 K/V cache, not rows/bf"):
+        steps[2](m, other, ids[:, :1], torch.zeros(2, 1, dtype=torch.long), 1)
+    with torch.inference_mode(), pytest.raises(LeanLMError, match="not rows/bfloat16"):  # views of rows, too
+        steps[1](m, other.rows(1, 2), ids[:1, :1], torch.zeros(1, 1, dtype=torch.long), 1)
+
+
+def check_decode_quality(smol_path: Path, llm: Any, step: eager.DecodeStep, min_agree: float) -> None:
     """SmolLM2 decoded through `step`, teacher-forced over real text: perplexity within 1% of the fp32
     reference's, and the top token equal to the eager bf16 step's at more than `min_agree` of positions."""
     import leanlm
@@ -96,8 +119,8 @@ def check_decode_quality(smol_path: Path, llm: Any, step: compiled.DecodeStep, m
     ref_llm = leanlm.load(smol_path, dtype="float32", progress=False)
     ref = torch.nn.functional.cross_entropy(ref_llm.logits(ids)[32:-1], torch.tensor(ids[33:]))
     assert abs(nll.exp() / ref.exp() - 1) < 0.01, (nll.exp(), ref.exp())
-    eager = decode(m, compiled.decode_step, torch.tensor([ids]), 32, len(ids), chunk=32)[0].argmax(-1)
-    agree = (logits.argmax(-1) == eager[:-1]).float().mean().item()
+    ref = decode(m, eager.decode_step, torch.tensor([ids]), 32, len(ids), chunk=32)[0].argmax(-1)
+    agree = (logits.argmax(-1) == ref[:-1]).float().mean().item()
     assert agree > min_agree, agree
 
 
@@ -106,21 +129,21 @@ def test_real_model_compiled_decode_keeps_quality(smol_path: Path, monkeypatch: 
     """SmolLM2 (int4 + int8 head, bf16 activations): the compiled step keeps quality (check_decode_quality)."""
     import leanlm
 
-    monkeypatch.setenv("LEANLM_NATIVE_STEP", "0")  # the compiled step, not native_step.py's
+    monkeypatch.setenv("LEANLM_NATIVE_STEP", "0")  # the compiled step, not cpp.py's
     llm = leanlm.load(smol_path, progress=False)
     step = llm.decode_step(1, "on")
-    assert step is not compiled.decode_step
+    assert step.backend == "compiled"
     check_decode_quality(smol_path, llm, step, 0.97)
 
 
 def test_a_damaged_artifact_falls_back_to_eager(steps: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     m = steps["model"]
-    monkeypatch.setenv("LEANLM_CACHE", str(tmp_path))
-    path = compiled.cache_dir() / f"decode-{compiled.layout_key(m, 1)}.bin"
+    monkeypatch.setenv("LEANLM_HOME", str(tmp_path))
+    path = compiled.cache_dir() / f"decode-{compiled.layout_key(m, ONE)}.bin"
     path.parent.mkdir(parents=True)
     path.write_bytes(b"not a compiled function")
     said: list[str] = []
-    assert compiled.get_step(m, 1, "auto", said.append) is compiled.decode_step
+    assert select(m, ONE, "auto", said.append).backend == "eager"
     assert said and "running eagerly" in said[0]
 
 
@@ -128,11 +151,12 @@ def test_a_damaged_artifact_falls_back_to_eager(steps: dict, tmp_path: Path, mon
 def test_compiled_verify_step_equals_eager(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, batch: int) -> None:
     """Speculative decoding's verify step (blocks of T >= 2 tokens per row; one sequence, or a batch of rows
     at different positions) compiled once, used for any T and batch size."""
-    monkeypatch.setenv("LEANLM_CACHE", str(tmp_path))
+    monkeypatch.setenv("LEANLM_HOME", str(tmp_path))
     m = tiny()
-    step = compiled.get_step(m, batch, "on", tokens=2)
-    assert step is not compiled.verify_step
-    assert compiled.layout_key(m, batch, tokens=2) != compiled.layout_key(m, batch)
+    kind = StepKind.of(batch, tokens=2)
+    step = compiled.build(m, kind, "on")
+    assert step is not None and step.backend == "compiled" and kind.block
+    assert compiled.layout_key(m, kind) != compiled.layout_key(m, StepKind.of(batch))
     ids = torch.randint(0, 96, (batch, 50), generator=torch.Generator().manual_seed(3))
     lag = torch.arange(batch)[:, None] * 3  # row r runs 3r positions behind row 0
     for B in (batch, 2) if batch > 1 else (1,):
@@ -142,7 +166,7 @@ def test_compiled_verify_step_equals_eager(tmp_path: Path, monkeypatch: pytest.M
             for T in (6, 2, 5, 3, 6, 4, 2, 6, 6):  # the rolling buffers (W 4 + chunk 6) wrap several times
                 pos = torch.arange(s, s + T)[None] + 6 - lag[:B]  # (B, T), row 0 from 6, row 2 from 0
                 blk = ids[:B].gather(1, pos)
-                ref = compiled.verify_step(m, caches[0], blk, pos, int(pos.max()) + 1)
+                ref = eager.verify_step(m, caches[0], blk, pos, int(pos.max()) + 1)
                 got = step(m, caches[1], blk, pos, int(pos.max()) + 1)
                 assert got.shape == (B, T, 96) and (got - ref).abs().max().item() < 1e-4
                 s += T
@@ -155,7 +179,7 @@ def test_bf16_compiled_block_scores_like_single_steps(smol_path: Path, monkeypat
     emulate_precision_casts the two graphs kept different values in fp32 (logits apart by up to 0.9)."""
     import leanlm
 
-    monkeypatch.setenv("LEANLM_NATIVE_STEP", "0")  # the compiled steps, not native_step.py's
+    monkeypatch.setenv("LEANLM_NATIVE_STEP", "0")  # the compiled steps, not cpp.py's
     llm = leanlm.load(smol_path, progress=False, compile="on")
     m = llm.model
     step, verify = llm.decode_step(1), llm.decode_step(1, tokens=2)

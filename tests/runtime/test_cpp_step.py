@@ -1,4 +1,4 @@
-"""The decode step as one C++ call (leanlm/native_step.py, kernels/decode.cpp) against the eager model."""
+"""The decode step as one C++ call (runtime/steps/cpp.py, kernels/decode.cpp) against the eager model."""
 
 from __future__ import annotations
 
@@ -9,17 +9,20 @@ import torch
 from helpers.tiny_models import random_transformer
 from torch import nn
 
-from leanlm.kernels import build as native
+from leanlm.kernels.plan import KernelPlan
 from leanlm.model.cache import ModelCache
 from leanlm.model.transformer import Transformer
 from leanlm.quant.fuse import fuse_projections
 from leanlm.quant.int4 import Int4Linear, Int4Parts
 from leanlm.quant.int8 import Int8Embedding, Int8Linear, quantize_rows
-from leanlm.runtime.steps import compiled
-from leanlm.runtime.steps import cpp as native_step
+from leanlm.runtime.steps import cpp, eager, select
+from leanlm.runtime.steps.eager import StepKind
+
+ONE, BLOCK = StepKind.of(1), StepKind.of(1, tokens=2)
 
 pytestmark = [pytest.mark.vnni, pytest.mark.avx512,
-              pytest.mark.skipif(not native_step.available(), reason="needs our C++ operators (AVX-512 VNNI, BF16)")]
+              pytest.mark.skipif(not KernelPlan.resolve().native_step,
+                                 reason="needs our C++ operators (AVX-512 VNNI, BF16)")]
 
 
 def int4(lin: nn.Linear) -> Int4Linear:
@@ -55,7 +58,7 @@ def quantized(gemma: bool, fuse: bool = True, head_dim: int = 16) -> Transformer
     return m
 
 
-def run(m: Transformer, step: compiled.DecodeStep, ids: torch.Tensor, lag: torch.Tensor, blocks: list[int], *,
+def run(m: Transformer, step: eager.DecodeStep, ids: torch.Tensor, lag: torch.Tensor, blocks: list[int], *,
         max_len: int = 40, chunk: int = 6) -> tuple[list[torch.Tensor], ModelCache]:
     """Prefill 6 tokens per row eagerly, then feed blocks of T tokens through `step` (rows `lag` positions
     behind row 0); the logits of every block (B, T, V), and the cache."""
@@ -83,12 +86,12 @@ def test_native_step_matches_the_eager_model(gemma: bool, batch: int, head_dim: 
     last-bit difference in bf16 can move logits by ~1%)."""
     m = quantized(gemma, head_dim=head_dim)
     m.kv_cache = kv
-    step = native_step.native_step(m)
-    assert step is not None
+    step = cpp.build(m, ONE)
+    assert step is not None and step.backend == "native"
     ids = torch.randint(0, 96, (batch, 40), generator=torch.Generator().manual_seed(batch))
     lag = -torch.arange(batch)[:, None] * 2  # row r runs 2r positions behind row 0
     blocks = [1] * 25
-    ref, ref_cache = run(m, compiled.decode_step, ids, lag, blocks)
+    ref, ref_cache = run(m, eager.decode_step, ids, lag, blocks)
     got, got_cache = run(m, step, ids, lag, blocks)
     assert got_cache.layers[0].blocked == (head_dim == 64) and got_cache.layers[0].quantized == (kv == "int8")
     ref, got = torch.cat(ref, 1), torch.cat(got, 1)
@@ -108,7 +111,7 @@ def test_a_verified_block_scores_like_single_steps(gemma: bool, batch: int, head
     step's for the same tokens one at a time, bit for bit."""
     m = quantized(gemma, head_dim=head_dim)
     m.kv_cache = kv
-    single, verify = native_step.native_step(m), native_step.native_step(m, tokens=2)
+    single, verify = cpp.build(m, ONE), cpp.build(m, BLOCK)
     ids = torch.randint(0, 96, (batch, 40), generator=torch.Generator().manual_seed(7))
     lag = -torch.arange(batch)[:, None] * 3
     blocks = [5, 2, 6, 3, 4, 2]
@@ -121,18 +124,21 @@ def test_separate_projections_give_the_fused_result() -> None:
     """q/k/v and gate/up as separate modules (their layouts could not be fused): the same logits."""
     ids = torch.randint(0, 96, (1, 40), generator=torch.Generator().manual_seed(0))
     lag = torch.zeros(1, 1, dtype=torch.long)
-    fused, _ = run(m := quantized(True), native_step.native_step(m), ids, lag, [1] * 10)
-    apart, _ = run(m := quantized(True, fuse=False), native_step.native_step(m), ids, lag, [1] * 10)
+    fused, _ = run(m := quantized(True), cpp.build(m, ONE), ids, lag, [1] * 10)
+    apart, _ = run(m := quantized(True, fuse=False), cpp.build(m, ONE), ids, lag, [1] * 10)
     assert torch.equal(torch.cat(fused, 1), torch.cat(apart, 1))
 
 
 def test_models_it_does_not_fit_keep_the_other_steps(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert native_step.native_step(random_transformer((None,))) is None  # fp32, nn.Linear weights
+    fp32 = random_transformer((None,))  # fp32, nn.Linear weights
+    assert cpp.build(fp32, ONE) is None and not cpp.supports(fp32, ONE, fp32.plan)
+    assert select(fp32, ONE).backend == "eager"
     m = quantized(False)
     m.layers[1].ffn.w2 = nn.Linear(96, 64).to(torch.bfloat16)  # one projection not on our kernel
-    assert native_step.native_step(m) is None
-    monkeypatch.setenv("LEANLM_NATIVE_STEP", "0")
-    assert native_step.native_step(quantized(False)) is None
+    assert cpp.build(m, ONE) is None and select(m, ONE, "off").backend == "eager"
+    monkeypatch.setenv("LEANLM_NATIVE_STEP", "0")  # read when the model is planned (built here)
+    m = quantized(False)
+    assert not m.plan.native_step and cpp.build(m, ONE) is None and select(m, ONE).backend != "native"
 
 
 def test_real_model_native_decode_keeps_quality(smol_path: Path) -> None:
@@ -144,7 +150,7 @@ def test_real_model_native_decode_keeps_quality(smol_path: Path) -> None:
 
     llm = leanlm.load(smol_path, progress=False)
     step = llm.decode_step(1)
-    assert getattr(step, "native", False) and native.ops_library()
+    assert step.backend == "native"
     check_decode_quality(smol_path, llm, step, 0.99)
     gen = "".join(llm.generate("The capital of France is", max_tokens=8, temperature=0.0))
     assert llm.decode_kind() == "native" and gen

@@ -75,10 +75,10 @@ def _expect_error(args: list[str], capsys: pytest.CaptureFixture[str], words: st
 def test_int8_kv_cache_runs_and_refuses_where_it_cannot(smol_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """`--kv-cache int8` generates where our kernels run (bf16 on AVX-512 VNNI) and is one clear line of
     error with float32 compute, whose attention runs in PyTorch."""
-    from leanlm.kernels import build as native
+    from leanlm.kernels.plan import KernelPlan
 
     _expect_error(["run", str(smol_path), "hi", "--kv-cache", "int8", "--dtype", "float32"], capsys, "--kv-cache int8")
-    if native.int8_attention():
+    if KernelPlan.resolve().int8_kv:
         code, out, _ = run_cli(["run", str(smol_path), "Name a color.", "--kv-cache", "int8", "--temperature", "0",
                                 "--max-tokens", "8"], capsys)
         assert code == 0 and out.strip()
