@@ -31,7 +31,8 @@ class Chain:
         self.generated.append(token)
         if self._counts is not None:
             if token < self._counts.shape[0]:
-                self._counts[token] += 1
+                with torch.inference_mode():  # the counts may have been made inside it (the decode loops)
+                    self._counts[token] += 1
             else:
                 self._counts = None
 
