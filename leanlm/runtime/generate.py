@@ -99,7 +99,7 @@ def generate_text(model: Transformer, seq: SeqState, *, chunk: int = 512, stats:
                   step: DecodeStep = decode_step) -> Iterator[str]:
     """Generate for seq, committing each token into it; yield the text pieces (seq.generated: the tokens)."""
     stats = stats if stats is not None else GenStats()
-    for tid in generate_ids(model, seq.prompt, seq.sampler, seq.max_tokens, stop_ids=seq.stop_ids, chunk=chunk,
+    for tid in generate_ids(model, seq.prompt, seq.pick, seq.max_tokens, stop_ids=seq.stop_ids, chunk=chunk,
                             stats=stats, step=step):
         piece = seq.commit(tid)
         if piece:

@@ -57,12 +57,9 @@ class SeqState:
         self.finish_reason: str | None = None  # "stop", "length" or "abort" once it has ended
         self.last_logprobs: tuple[float | None, TopLogprobs | None] = (None, None)
 
-    def pick(self, logits: torch.Tensor) -> torch.Tensor:
-        """The next token (1,) from the model's logits (1, V), through this sequence's chain."""
-        return self.chain.pick(logits, self.tokens, self.generator)
-
-    def sampler(self, logits: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
-        """`pick` as generate.generate_ids calls a sampler (this state already holds the history)."""
+    def pick(self, logits: torch.Tensor, history: torch.Tensor | None = None) -> torch.Tensor:
+        """The next token (1,) from the model's logits (1, V), through this sequence's chain. history: what
+        generate.generate_ids passes a sampler; unused, this state holds the text."""
         return self.chain.pick(logits, self.tokens, self.generator)
 
     def commit(self, tid: int, raw: torch.Tensor | None = None) -> str:
