@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
@@ -16,18 +15,17 @@ from leanlm.formats import load_model, weight_cache
 from leanlm.formats.catalog import DEFAULT_MODEL
 from leanlm.formats.hub import resolve_model
 from leanlm.formats.placing import release_memory
-from leanlm.formats.tokenizer import StreamDecoder
 from leanlm.kernels.plan import KernelPlan
 from leanlm.model.cache import ModelCache
 from leanlm.model.transformer import Transformer
-from leanlm.runtime.generate import GenStats, generate_ids
+from leanlm.runtime.generate import GenStats, generate_text
 from leanlm.runtime.proposers import DraftModel, PromptLookup, check_vocab
 from leanlm.runtime.proposers import early_exit as make_early_exit
-from leanlm.runtime.sampling import SamplingParams, sample
-from leanlm.runtime.speculative import Proposer, SpecStats, speculative_ids
+from leanlm.runtime.sampling import SamplingParams
+from leanlm.runtime.sequence import SeqState
+from leanlm.runtime.speculative import Proposer, SpecStats, speculative_text
 from leanlm.runtime.steps import MODES, select
 from leanlm.runtime.steps.eager import Step, StepKind
-from leanlm.runtime.stops import StopStrings
 from leanlm.runtime.structured import Constraint, Grammars
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -120,47 +118,18 @@ class LLM:
     def generate_from_ids(self, ids: Sequence[int], params: SamplingParams,
                           json_schema: dict[str, Any] | bool | None = None) -> Iterator[str]:
         """Stream the text generated after ids; json_schema constrains it to JSON (see `constraint`)."""
-        tok = self.tokenizer
-        gen = torch.Generator(device=self.model.device)
-        if params.seed is not None:
-            gen.manual_seed(params.seed)
-        else:
-            gen.seed()
-        constraint = self.constraint(json_schema)
-        sampler = functools.partial(_sample, params=params, generator=gen, constraint=constraint)
-        stop_ids = frozenset() if params.ignore_eos else tok.eos_ids
-        self.last_stats = stats = GenStats()
-        detok, stops = StreamDecoder(tok), StopStrings(params.stop)
-        if self.speculation is not None and constraint is not None:
+        if self.speculation is not None and json_schema not in (None, False):
             raise LeanLMError("structured output with speculative decoding is not supported yet")
-        if self.speculation is not None:
-            self.last_spec = SpecStats()
-            ids_out = speculative_ids(self.model, ids, params, self.speculation.proposer(self, len(ids), params),
-                                      self.speculation.k, stop_ids=stop_ids, chunk=self.prefill_chunk, stats=stats,
-                                      spec=self.last_spec, generator=gen, verify=self._lazy_verify)
-        else:
-            ids_out = generate_ids(self.model, ids, sampler, params.max_tokens, stop_ids=stop_ids,
-                                   chunk=self.prefill_chunk, stats=stats, step=self._lazy_step)
-        for tid in ids_out:
-            if tid in stop_ids:
-                stats.finish_reason = "stop"
-                break
-            if constraint is not None:
-                constraint.advance(tid)
-            out = stops.push(detok.push(tid))
-            if out:
-                yield out
-            if stops.stopped:
-                stats.finish_reason = "stop"
-                return
-            if constraint is not None and constraint.done:  # the JSON value is complete
-                stats.finish_reason = "stop"
-                break
-        tail = stops.push(detok.flush())
-        if not stops.stopped:
-            tail += stops.flush()
-        if tail:
-            yield tail
+        seq = SeqState(ids, params, self.config.context_length, tokenizer=self.tokenizer,
+                       constraint=self.constraint(json_schema), device=self.model.device)
+        self.last_stats = stats = GenStats()
+        if self.speculation is None:
+            yield from generate_text(self.model, seq, chunk=self.prefill_chunk, stats=stats, step=self._lazy_step)
+            return
+        self.last_spec = SpecStats()
+        proposer = self.speculation.proposer(self, len(ids), params)
+        yield from speculative_text(self.model, seq, proposer, self.speculation.k, chunk=self.prefill_chunk,
+                                    stats=stats, spec=self.last_spec, verify=self._lazy_verify)
 
     def speculate(self, k: int = 4, *, draft: LLM | None = None, lookup: bool = False,
                   early_exit: int | None = None) -> None:
@@ -216,13 +185,6 @@ class Speculation:
         d = self.draft
         max_len = min(n_prompt + params.max_tokens + self.k + 1, d.config.context_length)
         return DraftModel(d.model, max_len, d.prefill_chunk, d._lazy_step, target.config.vocab_size)
-
-
-def _sample(logits: torch.Tensor, history: torch.Tensor, *, params: SamplingParams,
-            generator: torch.Generator, constraint: Constraint | None = None) -> torch.Tensor:
-    if constraint is not None:
-        logits = constraint.apply(logits)
-    return sample(logits, params, history, generator)
 
 
 def load(model: str | Path = DEFAULT_MODEL, *, dtype: str | torch.dtype = "auto", threads: int | None = None,

@@ -1,7 +1,8 @@
-"""Token generation as a generator: chunked prefill of the prompt, then one token per step.
+"""Token generation on the calling thread, batch 1: chunked prefill of the prompt, then one token per step.
 
-The sampler is passed in (a function of logits (B, V) and history (B, N) -> tokens (B,)),
-so the same loop serves greedy, sampled and (later) constrained decoding.
+`generate_ids` is the loop, with the sampler passed in (a function of logits (B, V) and history (B, N) ->
+tokens (B,)); `generate_text` runs it for one `SeqState` (sequence.py), whose chain samples and whose
+`commit` turns tokens into text and decides where the sequence ends.
 """
 
 from __future__ import annotations
@@ -12,9 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
-from leanlm.errors import LeanLMError
 from leanlm.model.cache import ModelCache
 from leanlm.model.transformer import Transformer
+from leanlm.runtime.sequence import SeqState, token_budget
 from leanlm.runtime.steps.eager import DecodeStep, decode_step
 
 Sampler = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -49,15 +50,6 @@ def prefill(model: Transformer, cache: ModelCache, ids: torch.Tensor, start: int
         logits = model(piece, pos, cache, last_only=True)
     assert logits is not None
     return logits[:, -1]
-
-
-def token_budget(n_prompt: int, max_tokens: int, context: int) -> int:
-    """How many tokens may be generated after a prompt of n_prompt tokens; refuses prompts that cannot run."""
-    if n_prompt == 0:
-        raise LeanLMError("the prompt is empty")
-    if n_prompt >= context:
-        raise LeanLMError(f"the prompt is {n_prompt} tokens, which does not fit the context of {context} tokens")
-    return min(max_tokens, context - n_prompt)
 
 
 @torch.inference_mode()
@@ -101,3 +93,21 @@ def generate_ids(model: Transformer, prompt: Sequence[int], sampler: Sampler, ma
         logits = step(model, cache, tok.view(1, 1), torch.tensor([[pos]], device=device), pos + 1)
         tok = sampler(logits, history[:, :pos + 1])
     stats.finish_reason = "length"
+
+
+def generate_text(model: Transformer, seq: SeqState, *, chunk: int = 512, stats: GenStats | None = None,
+                  step: DecodeStep = decode_step) -> Iterator[str]:
+    """Generate for seq, committing each token into it; yield the text pieces (seq.generated: the tokens)."""
+    stats = stats if stats is not None else GenStats()
+    for tid in generate_ids(model, seq.prompt, seq.pick, seq.max_tokens, stop_ids=seq.stop_ids, chunk=chunk,
+                            stats=stats, step=step):
+        piece = seq.commit(tid)
+        if piece:
+            yield piece
+        if seq.finish_reason is not None:
+            break
+    if seq.finish_reason is None:  # nothing to generate (max_tokens 0)
+        piece = seq.finish("length")
+        if piece:
+            yield piece
+    stats.finish_reason = seq.finish_reason or "length"

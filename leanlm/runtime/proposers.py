@@ -20,8 +20,8 @@ from torch import nn
 from leanlm.errors import LeanLMError
 from leanlm.model.cache import ModelCache
 from leanlm.model.transformer import Transformer
-from leanlm.runtime.sampling import SamplingParams
-from leanlm.runtime.speculative import probs, recent
+from leanlm.runtime.generate import prefill
+from leanlm.runtime.logits import Chain
 from leanlm.runtime.steps.eager import DecodeStep, decode_step
 
 
@@ -38,7 +38,7 @@ class PromptLookup:
         self.index: dict[tuple[int, ...], int] = {}
         self.seen = 0  # tokens[:seen - 1] have been indexed as n-gram ends
 
-    def propose(self, tokens: Sequence[int], k: int, params: SamplingParams,
+    def propose(self, tokens: Sequence[int], k: int, chain: Chain,
                 generator: torch.Generator | None) -> tuple[list[int], None]:
         if self.seen > len(tokens):  # a different text: start over
             self.index, self.seen = {}, 0
@@ -67,8 +67,9 @@ class DraftModel:
         self.committed = 0  # fed[:committed] were committed tokens when last proposed (so they still are)
 
     @torch.inference_mode()
-    def propose(self, tokens: Sequence[int], k: int, params: SamplingParams,
+    def propose(self, tokens: Sequence[int], k: int, chain: Chain,
                 generator: torch.Generator | None) -> tuple[list[int], torch.Tensor | None]:
+        """Drafts from this model's distribution under the sequence's chain (penalties see the drafts so far)."""
         if k <= 0:
             return [], None
         keep = min(self.committed, len(tokens))  # committed text only grows: compare just the drafts fed since
@@ -79,23 +80,18 @@ class DraftModel:
             raise LeanLMError("the draft model's cache is too small for this generation")
         device, model = self.model.device, self.model
         rest = list(tokens[keep:])
-        logits = None
-        for s in range(0, len(rest), self.chunk):
-            piece = torch.tensor([rest[s:s + self.chunk]], device=device)
-            pos = torch.arange(keep + s, keep + s + piece.shape[1], device=device)[None]
-            logits = model(piece, pos, self.cache, last_only=True, kv_len=keep + s + piece.shape[1])[:, -1]
+        self.cache.kv_len = keep  # positions from keep on are written again: nothing past them is read
+        logits = prefill(model, self.cache, torch.tensor([rest], device=device), keep, self.chunk)
         del self.fed[keep:]  # no copy of the whole text per round
         self.fed.extend(rest)
         self.committed = len(tokens)
         drafts: list[int] = []
         qs = []
-        history = recent(tokens, params, device)
         for i in range(k):
-            assert logits is not None
-            if params.greedy:
-                d = int(logits[0].argmax())
+            if chain.params.greedy:
+                d = int(chain.apply(logits, tokens, drafts)[0].argmax())
             else:
-                q = probs(logits[0], params, history)
+                q = chain.probs(logits[0], tokens, drafts)
                 d = int(torch.multinomial(q, 1, generator=generator))
                 qs.append(q)
             drafts.append(d)
@@ -103,10 +99,9 @@ class DraftModel:
                 break
             pos = len(self.fed)
             self.fed.append(d)
-            history = torch.cat([history, torch.tensor([d], device=device)])
             logits = self.step(model, self.cache, torch.tensor([[d]], device=device),
                                torch.tensor([[pos]], device=device), pos + 1)
-        if params.greedy:
+        if chain.params.greedy:
             return drafts, None
         q = torch.stack(qs)
         if q.shape[1] < self.vocab_size:

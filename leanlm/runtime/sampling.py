@@ -1,17 +1,26 @@
-"""Sampling: pure functions from logits to a token, plus the parameters that drive them.
+"""Sampling: the parameters, and the pure functions of the logits-processor chain, in this order:
 
-Order (as in Hugging Face and vLLM): repetition penalty -> temperature -> top-k -> top-p ->
-min-p -> draw. temperature == 0 means greedy (argmax of the penalised logits).
+    OpenAI presence/frequency penalties (counts of the generated tokens)
+    -> structured-output mask (the constraint's allowed tokens)
+    -> repetition penalty (llama.cpp's rule over the last repeat_last_n tokens of prompt + text)
+    -> temperature -> top-k -> top-p -> min-p -> draw (temperature 0: argmax of the penalised logits)
+
+(`penalise` then `distribution` / `draw`). Plain sampling, speculative acceptance (speculative.py) and a draft
+model's proposals (proposers.py) all go through them, via one sequence's `logits.Chain` where state is needed.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from leanlm.errors import LeanLMError
 from leanlm.kernels.plan import KernelPlan
+
+if TYPE_CHECKING:
+    from leanlm.runtime.structured import Constraint
 
 
 @dataclass(frozen=True)
@@ -25,7 +34,7 @@ class SamplingParams:
     repeat_last_n: int = 64
     seed: int | None = None
     stop: tuple[str, ...] = field(default_factory=tuple)
-    presence_penalty: float = 0.0  # OpenAI's: minus this from every token generated so far (serving engine)
+    presence_penalty: float = 0.0  # OpenAI's: minus this from every token generated so far
     frequency_penalty: float = 0.0  # OpenAI's: minus this times the token's count in the generated text
     ignore_eos: bool = False
 
@@ -91,14 +100,34 @@ def argmax(logits: torch.Tensor) -> torch.Tensor:
     return logits.argmax(-1)
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, history: torch.Tensor | None = None,
-           generator: torch.Generator | None = None) -> torch.Tensor:
-    """Pick the next token for each row of logits (B, V) -> (B,). No host sync."""
+def penalise(logits: torch.Tensor, params: SamplingParams, history: torch.Tensor | None = None,
+             counts: torch.Tensor | None = None, constraint: Constraint | None = None) -> torch.Tensor:
+    """fp32 logits (B, V) after the penalties and the constraint mask. history (B, N): prompt + text, whose last
+    repeat_last_n tokens are penalised; counts (>= V,): how often each token was generated (None: none yet)."""
     logits = logits.float()
+    if counts is not None and (params.presence_penalty or params.frequency_penalty):
+        counts = counts[:logits.shape[-1]]
+        logits = logits - params.frequency_penalty * counts - params.presence_penalty * (counts > 0).float()
+    if constraint is not None:
+        logits = constraint.apply(logits)
     if history is not None and params.repeat_penalty != 1.0 and params.repeat_last_n > 0:
         logits = apply_repeat_penalty(logits, history[..., -params.repeat_last_n:], params.repeat_penalty)
+    return logits
+
+
+def distribution(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """What sampling draws from: penalised logits (..., V) -> temperature, top-k/p, min-p -> probabilities."""
+    return torch.softmax(filter_logits(logits / params.temperature, params.top_k, params.top_p, params.min_p), -1)
+
+
+def draw(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> torch.Tensor:
+    """A token per row of penalised logits (B, V) -> (B,). No host sync."""
     if params.greedy:
         return argmax(logits)
-    logits = filter_logits(logits / params.temperature, params.top_k, params.top_p, params.min_p)
-    probs = torch.softmax(logits, -1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return torch.multinomial(distribution(logits, params), 1, generator=generator).squeeze(-1)
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, history: torch.Tensor | None = None,
+           generator: torch.Generator | None = None) -> torch.Tensor:
+    """Pick the next token for each row of logits (B, V) -> (B,); history (B, N): prompt + text. No host sync."""
+    return draw(penalise(logits, params, history), params, generator)

@@ -35,16 +35,17 @@ import torch
 from leanlm.errors import LeanLMError
 from leanlm.model.cache import ModelCache
 from leanlm.model.transformer import Transformer
-from leanlm.runtime.generate import GenStats, prefill, token_budget
-from leanlm.runtime.sampling import SamplingParams, apply_repeat_penalty, filter_logits
+from leanlm.runtime.generate import GenStats, prefill
+from leanlm.runtime.logits import Chain
+from leanlm.runtime.sequence import SeqState
 from leanlm.runtime.steps.eager import DecodeStep, verify_step
 
 
 class Proposer(Protocol):
-    def propose(self, tokens: Sequence[int], k: int, params: SamplingParams,
+    def propose(self, tokens: Sequence[int], k: int, chain: Chain,
                 generator: torch.Generator | None) -> tuple[list[int], torch.Tensor | None]:
-        """Up to k draft tokens after `tokens` and their proposal distributions (k, V), or None when the
-        drafts are deterministic (q = one-hot)."""
+        """Up to k draft tokens after `tokens` and their proposal distributions (k, V) under the sequence's
+        chain, or None when the drafts are deterministic (q = one-hot)."""
         ...
 
 
@@ -64,27 +65,18 @@ class SpecStats:
         return (self.accepted + self.rounds) / self.rounds if self.rounds else 0.0
 
 
-def probs(logits: torch.Tensor, params: SamplingParams, history: torch.Tensor | None = None) -> torch.Tensor:
-    """The distribution plain sampling draws from: penalty -> temperature -> top-k/p/min-p. logits (V,)."""
-    logits = logits.float()[None]
-    if history is not None and params.repeat_penalty != 1.0 and params.repeat_last_n > 0:
-        logits = apply_repeat_penalty(logits, history[None, -params.repeat_last_n:], params.repeat_penalty)
-    logits = filter_logits(logits / params.temperature, params.top_k, params.top_p, params.min_p)
-    return torch.softmax(logits, -1)[0]
-
-
-def accept(target: torch.Tensor, drafts: Sequence[int], q: torch.Tensor | None, params: SamplingParams,
-           history: torch.Tensor, generator: torch.Generator | None = None) -> tuple[int, int]:
-    """How many drafts to keep and the token after them. target: logits (k + 1, V); history: every token
-    before the first row's prediction (for the repetition penalty), extended by the drafts row by row."""
-    if params.greedy:
+def accept(target: torch.Tensor, drafts: Sequence[int], q: torch.Tensor | None, chain: Chain,
+           tokens: Sequence[int], generator: torch.Generator | None = None) -> tuple[int, int]:
+    """How many drafts to keep and the token after them. target: logits (k + 1, V); tokens: every token before
+    the first row's prediction; row i is processed by the chain as if drafts[:i] were text already."""
+    if chain.params.greedy:
         for i, d in enumerate(drafts):
-            best = int(_penalised(target[i], params, history, drafts[:i]).argmax())
+            best = int(chain.apply(target[i:i + 1], tokens, drafts[:i])[0].argmax())
             if best != d:
                 return i, best
-        return len(drafts), int(_penalised(target[len(drafts)], params, history, drafts).argmax())
+        return len(drafts), int(chain.apply(target[len(drafts):len(drafts) + 1], tokens, drafts)[0].argmax())
     for i, d in enumerate(drafts):
-        p = probs(target[i], params, _extend(history, drafts[:i]))
+        p = chain.probs(target[i], tokens, drafts[:i])
         qd = float(q[i, d]) if q is not None else 1.0
         u = float(torch.rand((), generator=generator))
         if u * qd < float(p[d]):  # u < p/q without dividing by a zero q
@@ -95,77 +87,57 @@ def accept(target: torch.Tensor, drafts: Sequence[int], q: torch.Tensor | None, 
         if float(residual.sum()) <= 0:  # p == q: the draft was always right; cannot happen after a reject
             residual = p
         return i, int(torch.multinomial(residual / residual.sum(), 1, generator=generator))
-    p = probs(target[len(drafts)], params, _extend(history, drafts))
+    p = chain.probs(target[len(drafts)], tokens, drafts)
     return len(drafts), int(torch.multinomial(p, 1, generator=generator))
 
 
-def recent(tokens: Sequence[int], params: SamplingParams, device: torch.device | str) -> torch.Tensor:
-    """The tail of the text the repetition penalty looks at (all it needs; not the whole text every round)."""
-    n = params.repeat_last_n if params.repeat_penalty != 1.0 else 0
-    return torch.tensor(list(tokens[len(tokens) - n:]) if n else [], dtype=torch.long, device=device)
-
-
-def _extend(history: torch.Tensor, extra: Sequence[int]) -> torch.Tensor:
-    if not extra:
-        return history
-    return torch.cat([history, torch.tensor(list(extra), dtype=history.dtype, device=history.device)])
-
-
-def _penalised(logits: torch.Tensor, params: SamplingParams, history: torch.Tensor,
-               extra: Sequence[int]) -> torch.Tensor:
-    if params.repeat_penalty == 1.0 or params.repeat_last_n == 0:
-        return logits
-    h = _extend(history, extra)[-params.repeat_last_n:]
-    return apply_repeat_penalty(logits.float()[None], h[None], params.repeat_penalty)[0]
-
-
 @torch.inference_mode()
-def speculative_ids(model: Transformer, prompt: Sequence[int], params: SamplingParams, proposer: Proposer,
-                    k: int, *, stop_ids: frozenset[int] = frozenset(), chunk: int = 512,
-                    stats: GenStats | None = None, spec: SpecStats | None = None,
-                    generator: torch.Generator | None = None, verify: DecodeStep = verify_step) -> Iterator[int]:
-    """Yield generated token ids, as generate.generate_ids does, `k` drafts checked per target forward.
-    verify: (model, cache, tokens (1, T), positions (1, T), kv_len) -> logits (1, T, V) (compiled.py)."""
-    cfg, n = model.cfg, len(prompt)
+def speculative_text(model: Transformer, seq: SeqState, proposer: Proposer, k: int, *, chunk: int = 512,
+                     stats: GenStats | None = None, spec: SpecStats | None = None,
+                     verify: DecodeStep = verify_step) -> Iterator[str]:
+    """Generate for seq as generate.generate_text does (committing each token, yielding text pieces), `k`
+    drafts checked per target forward. verify: (model, cache, tokens (1, T), positions (1, T), kv_len) ->
+    logits (1, T, V) (compiled.py)."""
     if not 1 <= k < chunk:
         raise LeanLMError(f"speculate must be in [1, {chunk - 1}] (the prefill chunk bounds a verified block)")
-    max_tokens = token_budget(n, params.max_tokens, cfg.context_length)
+    if seq.constraint is not None:
+        raise LeanLMError("structured output with speculative decoding is not supported yet")
     stats = stats if stats is not None else GenStats()
     spec = spec if spec is not None else SpecStats()
+    n, max_tokens = len(seq.prompt), seq.max_tokens
     stats.prompt_tokens = n
     if max_tokens <= 0:
+        piece = seq.finish("length")
         stats.finish_reason = "length"
+        if piece:
+            yield piece
         return
     device = model.device
     cache = ModelCache.for_model(model, 1, n + max_tokens + k, chunk)
-    tokens = list(prompt)
     t0 = time.perf_counter()
-    logits = prefill(model, cache, torch.tensor([tokens], device=device), 0, chunk)[0]
-    hist = recent(tokens, params, device)
-    first = accept(logits[None], [], None, params, hist, generator)[1]
+    logits = prefill(model, cache, torch.tensor([seq.prompt], device=device), 0, chunk)
+    first = accept(logits, [], None, seq.chain, seq.tokens, seq.generator)[1]
     stats.prefill_s = time.perf_counter() - t0
     t1 = time.perf_counter()
     new = [first]
     while True:
         for t in new:
-            tokens.append(t)
             stats.gen_tokens += 1
             stats.decode_s = time.perf_counter() - t1
-            yield t
-            if t in stop_ids:
-                stats.finish_reason = "stop"
+            piece = seq.commit(t)
+            if piece:
+                yield piece
+            if seq.finish_reason is not None:
+                stats.finish_reason = seq.finish_reason
                 return
-            if stats.gen_tokens >= max_tokens:
-                stats.finish_reason = "length"
-                return
-        budget = max_tokens - stats.gen_tokens  # tokens still wanted; a round yields up to len(drafts) + 1
-        drafts, q = proposer.propose(tokens, min(k, budget - 1), params, generator) if budget > 1 else ([], None)
-        pos = len(tokens) - 1  # of the pending token
-        block = torch.tensor([[tokens[-1], *drafts]], device=device)
+        budget = max_tokens - len(seq.generated)  # tokens still wanted; a round yields up to len(drafts) + 1
+        drafts, q = proposer.propose(seq.tokens, min(k, budget - 1), seq.chain, seq.generator) \
+            if budget > 1 else ([], None)
+        pos = len(seq.tokens) - 1  # of the pending token
+        block = torch.tensor([[seq.tokens[-1], *drafts]], device=device)
         positions = torch.arange(pos, pos + block.shape[1], device=device)[None]
         target = verify(model, cache, block, positions, pos + block.shape[1])[0]  # (T, V)
-        hist = recent(tokens, params, device)
-        kept, nxt = accept(target, drafts, q, params, hist, generator)
+        kept, nxt = accept(target, drafts, q, seq.chain, seq.tokens, seq.generator)
         spec.rounds += 1
         spec.proposed += len(drafts)
         spec.accepted += kept

@@ -1,9 +1,11 @@
 """Continuous batching: requests join and leave the running batch between decode steps.
 
-Split as in nano-vllm: a `Sequence` holds one request's state; the `Engine` gives each sequence a row of
-one shared KV cache (`ModelCache` with `max_batch` rows) and runs, per iteration, at most one prefill
-chunk (so a long prompt delays the others by one chunk, not by its whole prefill) and then one decode
-step: a single batched forward over rows 0..hi-1, hi being one past the highest busy row.
+A `Sequence` is one request's state (runtime/sequence.py's, plus its row, prefill progress and `emit`);
+the `Scheduler` (scheduler.py) gives each sequence a row of one shared KV cache and decides, per iteration,
+at most one prefill chunk (so a long prompt delays the others by one chunk, not by its whole prefill) and
+then one decode step: a single batched forward over rows 0..hi-1, hi being one past the highest busy row;
+the `Runner` (runner.py) runs them; the `Engine` here owns the thread, turns logits into tokens through
+each sequence's chain and streams what each sequence's `commit` gives.
 
 Rows inside 0..hi-1 that are not decoding still go through that forward, with a harmless input:
 - an idle row is fed position 0; `ModelCache.clear_row` forgets it when a sequence takes the row;
@@ -34,13 +36,14 @@ from typing import Any
 import torch
 
 from leanlm.errors import LeanLMError
-from leanlm.formats.tokenizer import StreamDecoder
 from leanlm.llm import LLM, Speculation
 from leanlm.model.cache import ModelCache
-from leanlm.runtime.sampling import SamplingParams, sample
-from leanlm.runtime.speculative import Proposer, recent
-from leanlm.runtime.stops import StopStrings
+from leanlm.runtime.sampling import SamplingParams
+from leanlm.runtime.sequence import SeqState
+from leanlm.runtime.speculative import Proposer
 from leanlm.runtime.structured import Constraint
+from leanlm.serve.runner import Runner
+from leanlm.serve.scheduler import Scheduler
 from leanlm.serve.speculation import RowSpeculation
 
 
@@ -60,28 +63,17 @@ class Output:
 Emit = Callable[[Output], None]
 
 
-class Sequence:
+class Sequence(SeqState):
     def __init__(self, prompt: Seq[int], params: SamplingParams, emit: Emit, llm: LLM, max_len: int,
                  logprobs: int | None = None, constraint: Constraint | None = None) -> None:
-        self.prompt, self.params, self.emit, self.logprobs = list(prompt), params, emit, logprobs
-        self.constraint = constraint  # structured output: masks the logits, advanced by each token
-        n = len(self.prompt)
-        self.max_tokens = min(params.max_tokens, max_len - n)
+        super().__init__(prompt, params, max_len, tokenizer=llm.tokenizer, constraint=constraint,
+                         logprobs=logprobs)
+        self.emit = emit
         self.row = -1
         self.prefilled = 0  # prompt tokens already in the cache
         self.next_token: int | None = None  # sampled, not yet fed back
-        self.generated: list[int] = []
-        self.tokens = list(prompt)  # the prompt and every generated token (for proposers, repetition penalty)
         self.proposer: Proposer | None = None  # speculative decoding's drafts for this sequence, if any
-        self.generator = torch.Generator()
-        if params.seed is not None:
-            self.generator.manual_seed(params.seed)
-        else:
-            self.generator.seed()
-        self.detok, self.stops = StreamDecoder(llm.tokenizer), StopStrings(params.stop)
-        self.stop_ids = frozenset() if params.ignore_eos else llm.tokenizer.eos_ids
         self.cancelled = self.finished = False
-        self.last_logprobs: tuple[float | None, list[tuple[int, float]] | None] = (None, None)
         self.arrived = time.perf_counter()
 
     @property
@@ -114,11 +106,10 @@ class Engine:
                 raise LeanLMError(f"speculate must be in [1, {chunk - 1}] (the prefill chunk bounds a verified "
                                   "block)")
             extra = speculation.k  # slots for the padding of a block that starts at the context's last position
-        self.cache = ModelCache.for_model(llm.model, max_batch, self.max_len + extra, chunk)
-        self.rows: list[Sequence | None] = [None] * max_batch
-        self.waiting: deque[Sequence] = deque()
+        self.runner = Runner(llm, max_batch, self.max_len + extra, chunk)
+        self.scheduler = Scheduler(max_batch, chunk, self.spec)
         self.jobs: deque[tuple[Callable[[], Any], Future]] = deque()  # run on the engine thread (run_job)
-        self._wake = threading.Condition()
+        self._wake = self.scheduler.lock
         self._thread: threading.Thread | None = None
         self._running = False
         self.steps = 0  # decode steps run
@@ -129,14 +120,9 @@ class Engine:
                constraint: Constraint | None = None) -> Sequence:
         """Queue a sequence; `emit` gets its Outputs (with the top `logprobs` alternatives if not None);
         a constraint (structured.Constraint, one per sequence) restricts the tokens it may sample."""
-        if not prompt:
-            raise LeanLMError("the prompt is empty")
-        if len(prompt) >= self.max_len:
-            raise LeanLMError(f"the prompt is {len(prompt)} tokens, which does not fit the context of "
-                              f"{self.max_len} tokens")
-        seq = Sequence(prompt, params, emit, self.llm, self.max_len, logprobs, constraint)
+        seq = Sequence(prompt, params, emit, self.llm, self.max_len, logprobs, constraint)  # refuses bad prompts
         with self._wake:
-            self.waiting.append(seq)
+            self.scheduler.waiting.append(seq)
             self._wake.notify()
         return seq
 
@@ -150,12 +136,24 @@ class Engine:
         return fut
 
     @property
+    def rows(self) -> list[Sequence | None]:
+        return self.scheduler.rows
+
+    @property
+    def waiting(self) -> deque[Sequence]:
+        return self.scheduler.waiting
+
+    @property
+    def cache(self) -> ModelCache:
+        return self.runner.cache
+
+    @property
     def queued(self) -> int:
-        return len(self.waiting)
+        return len(self.scheduler.waiting)
 
     @property
     def active(self) -> int:
-        return sum(s is not None for s in self.rows)
+        return self.scheduler.active
 
     # --- the loop ----------------------------------------------------------------------------
     def start(self) -> None:
@@ -198,7 +196,7 @@ class Engine:
                     traceback.print_exc(file=sys.stderr)
                     for seq in self.rows:
                         if seq is not None:
-                            self._finish(seq, "abort", "", flush=False)
+                            self._end(seq, "abort")
 
     def step(self) -> None:
         """One iteration: jobs, retire cancelled sequences, admit waiting ones, one prefill chunk, one decode step."""
@@ -211,58 +209,25 @@ class Engine:
                     fut.set_exception(e)
         for seq in self.rows:
             if seq is not None and seq.cancelled:
-                self._finish(seq, "abort", "")
-        with self._wake:
-            for r in range(self.max_batch):
-                if self.rows[r] is None and self.waiting:
-                    seq = self.waiting.popleft()
-                    if seq.cancelled:
-                        continue
-                    seq.row, self.rows[r] = r, seq
-                    self.cache.clear_row(r)
-                    if self.spec is not None:
-                        self.spec.attach(seq)
-        prefilling = [s for s in self.rows if s is not None and not s.decoding]
-        if prefilling:
-            self._prefill_chunk(min(prefilling, key=lambda s: s.arrived))
-        if any(s is not None and s.decoding for s in self.rows):
-            self._decode()
-
-    def _prefill_chunk(self, seq: Sequence) -> None:
-        s, n = seq.prefilled, len(seq.prompt)
-        e = min(n, s + self.chunk)
-        model = self.llm.model
-        ids = torch.tensor([seq.prompt[s:e]], device=model.device)
-        pos = torch.arange(s, e, device=model.device)[None]
-        logits = model(ids, pos, self.cache.rows(seq.row, seq.row + 1), last_only=True, kv_len=e)
-        seq.prefilled = e
-        if e == n:
-            if seq.max_tokens <= 0:
-                self._finish(seq, "length", "")
-            else:
-                self._accept(seq, logits[:, -1])
-
-    def _decode(self) -> None:
-        hi = max(r for r, s in enumerate(self.rows) if s is not None) + 1
-        live = [s for s in self.rows[:hi] if s is not None and s.decoding]
-        drafts = self.spec.drafts(live) if self.spec is not None else {}
-        T = 1 + max((len(d) for d, _ in drafts.values()), default=0)  # tokens per row in this forward
-        tokens = torch.zeros(hi, T, dtype=torch.long)
-        positions = torch.arange(T).repeat(hi, 1)  # idle rows: 0..T-1 (the module docstring)
-        for r, seq in enumerate(self.rows[:hi]):
-            if seq is not None:
-                positions[r] += seq.position
-        for seq in live:
-            block = [seq.next_token, *drafts.get(seq.row, ([], None))[0]]
-            tokens[seq.row, :len(block)] = torch.tensor(block)
-        kv_len = int(positions.max()) + 1
-        step = self.llm.decode_step(hi, tokens=T)
-        logits = step(self.llm.model, self.cache.rows(0, hi), tokens, positions, kv_len)
-        if T == 1:
-            logits = logits[:, None]  # (hi, T, V)
-        self.steps, self.last_batch = self.steps + 1, len(live)
-        for seq in live:
-            d, q = drafts.get(seq.row, ([], None))
+                self._end(seq, "abort")
+        self.scheduler.admit(self.runner.clear_row)
+        work = self.scheduler.prefill_chunk()
+        if work is not None:
+            seq, s, e = work
+            logits = self.runner.prefill(seq.row, seq.prompt[s:e], s)
+            seq.prefilled = e
+            if e == len(seq.prompt):
+                if seq.max_tokens <= 0:
+                    self._end(seq, "length")
+                else:
+                    self._accept(seq, logits)
+        batch = self.scheduler.batch()
+        if batch is None:
+            return
+        logits = self.runner.step(batch.blocks, batch.starts)  # (hi, T, V)
+        self.steps, self.last_batch = self.steps + 1, len(batch.live)
+        for seq in batch.live:
+            d, q = batch.drafts.get(seq.row, ([], None))
             if d:
                 assert self.spec is not None
                 self.spec.settle(seq, logits[seq.row, :len(d) + 1], d, q, self._commit)
@@ -271,52 +236,27 @@ class Engine:
 
     # --- tokens out --------------------------------------------------------------------------
     def _accept(self, seq: Sequence, logits: torch.Tensor) -> None:
-        """Sample the next token from logits (1, V), stream it, and stop the sequence where it ends."""
-        p = seq.params
-        raw = logits
-        if seq.generated and (p.presence_penalty or p.frequency_penalty):
-            counts = torch.bincount(torch.tensor(seq.generated), minlength=logits.shape[-1]).float()
-            logits = logits.float() - p.frequency_penalty * counts - p.presence_penalty * (counts > 0).float()
-        if seq.constraint is not None:
-            logits = seq.constraint.apply(logits)
-        tid = int(sample(logits, p, recent(seq.tokens, p, logits.device)[None], seq.generator)[0])
-        self._commit(seq, tid, raw)
+        """Sample the next token from logits (1, V) through the sequence's chain, and commit it."""
+        self._commit(seq, int(seq.pick(logits)[0]), logits)
 
     def _commit(self, seq: Sequence, tid: int, raw: torch.Tensor) -> bool:
         """Append token tid (raw: the model's logits (1, V) it was drawn from), stream it, end the sequence
         where it ends; False once it has ended."""
-        lp = top = None
-        if seq.logprobs is not None:  # under the model's own distribution (before any sampling settings)
-            logp = torch.log_softmax(raw[0].float(), -1)
-            lp = float(logp[tid])
-            if seq.logprobs > 0:
-                v, i = logp.topk(seq.logprobs)
-                top = list(zip(i.tolist(), v.tolist()))
-        seq.generated.append(tid)
-        seq.tokens.append(tid)
-        seq.last_logprobs = (lp, top)
-        if tid in seq.stop_ids:
-            return self._finish(seq, "stop", "")
-        if seq.constraint is not None:
-            seq.constraint.advance(tid)
-        text = seq.stops.push(seq.detok.push(tid))
-        if seq.stops.stopped:
-            return self._finish(seq, "stop", text, flush=False)
-        if seq.constraint is not None and seq.constraint.done:  # the JSON value is complete: no step for EOS
-            return self._finish(seq, "stop", text)
-        if len(seq.generated) >= seq.max_tokens:
-            return self._finish(seq, "length", text)
+        text = seq.commit(tid, raw)
+        if seq.finish_reason is not None:
+            return self._end(seq, seq.finish_reason, text)
         seq.next_token = tid
+        lp, top = seq.last_logprobs
         seq.emit(Output(text, tid, None, len(seq.prompt), len(seq.generated), lp, top))
         return True
 
-    def _finish(self, seq: Sequence, reason: str, text: str, flush: bool = True) -> bool:
-        if flush and reason != "abort":
-            tail = seq.stops.push(seq.detok.flush())
-            text += tail if seq.stops.stopped else tail + seq.stops.flush()
+    def _end(self, seq: Sequence, reason: str, text: str | None = None) -> bool:
+        """Retire a sequence: free its row and emit its last event (text: what its commit gave, else the
+        held-back tail)."""
+        if text is None:
+            text = seq.finish(reason)
         seq.finished, seq.next_token, seq.proposer = True, None, None  # (a draft model's cache goes with it)
-        if seq.row >= 0:
-            self.rows[seq.row] = None
+        self.scheduler.release(seq)
         lp, top = seq.last_logprobs if reason != "abort" else (None, None)
         seq.emit(Output(text, seq.generated[-1] if seq.generated else None, reason, len(seq.prompt),
                         len(seq.generated), lp, top))

@@ -17,8 +17,9 @@ In a rolling buffer of S = W + C slots, a block of T <= C + 1 positions only ove
 later query of the row has left behind (the engine keeps k < C). Full-attention buffers get k extra slots
 so that padding past the context's last position has somewhere to go.
 
-Sequences whose sampling the accept/reject rule does not model (a structured-output constraint, presence
-or frequency penalties) take part with no drafts: one token per forward, sampled as without speculation.
+Drafts and their acceptance go through the sequence's logits chain (runtime/logits.py), penalties included,
+row by row as if the drafts before were text already. Sequences with a structured-output constraint take
+part with no drafts (the grammar would have to run ahead over the drafts): one token per forward.
 With more than `max_batch` sequences decoding, nobody drafts (vLLM's speculative_disable_by_batch_size):
 a verify forward costs about its rows, so once the batch itself fills the kernels speculation stops paying
 (bench/NOTES.md: on 2 CPU cores it gains with 1 sequence, breaks even at 2, loses at 4).
@@ -31,7 +32,7 @@ from collections.abc import Callable
 import torch
 
 from leanlm.llm import LLM, Speculation
-from leanlm.runtime.speculative import SpecStats, accept, recent
+from leanlm.runtime.speculative import SpecStats, accept
 
 Commit = Callable[[object, int, torch.Tensor], bool]  # (sequence, token, its logits row (1, V)) -> goes on
 
@@ -46,9 +47,8 @@ class RowSpeculation:
 
     def attach(self, seq) -> None:  # noqa: ANN001 (engine.Sequence: imported the other way round)
         """Give a sequence that just took a row its proposer, if its sampling allows drafts."""
-        p = seq.params
-        if seq.constraint is None and not p.presence_penalty and not p.frequency_penalty:
-            seq.proposer = self.speculation.proposer(self.llm, len(seq.prompt), p)
+        if seq.constraint is None:
+            seq.proposer = self.speculation.proposer(self.llm, len(seq.prompt), seq.params)
 
     def drafts(self, live: list) -> dict[int, tuple[list[int], torch.Tensor | None]]:
         """Drafts per batch row for the decoding sequences `live` (none when the batch is too large)."""
@@ -61,14 +61,13 @@ class RowSpeculation:
         budget = seq.max_tokens - len(seq.generated)  # a round yields up to len(drafts) + 1 tokens
         if seq.proposer is None or budget <= 1:
             return [], None
-        return seq.proposer.propose(seq.tokens, min(self.k, budget - 1), seq.params, seq.generator)
+        return seq.proposer.propose(seq.tokens, min(self.k, budget - 1), seq.chain, seq.generator)
 
     def settle(self, seq, target: torch.Tensor, drafts: list[int], q: torch.Tensor | None,  # noqa: ANN001
                commit: Commit) -> None:
         """Accept drafts against the target's rows (1 + len(drafts), V) and commit the tokens that result,
         one by one, until the sequence ends."""
-        hist = recent(seq.tokens, seq.params, target.device)
-        kept, nxt = accept(target, drafts, q, seq.params, hist, seq.generator)
+        kept, nxt = accept(target, drafts, q, seq.chain, seq.tokens, seq.generator)
         self.stats.rounds += 1
         self.stats.proposed += len(drafts)
         self.stats.accepted += kept

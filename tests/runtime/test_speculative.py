@@ -12,11 +12,22 @@ from helpers.tiny_models import random_transformer
 import leanlm
 from leanlm.errors import LeanLMError
 from leanlm.runtime.generate import generate_ids
+from leanlm.runtime.logits import Chain
 from leanlm.runtime.proposers import DraftModel, PromptLookup, early_exit
 from leanlm.runtime.sampling import SamplingParams
-from leanlm.runtime.speculative import SpecStats, accept, probs, speculative_ids
+from leanlm.runtime.sequence import SeqState
+from leanlm.runtime.speculative import Proposer, SpecStats, accept, speculative_text
 
 PROMPT = [1, 5, 9, 3, 5, 9, 3, 5, 9, 3, 7, 2]
+
+
+def speculative_ids(model: torch.nn.Module, prompt: list[int], params: SamplingParams, proposer: Proposer, k: int,
+                    **kw: object) -> list[int]:
+    """The token ids speculative generation commits for a prompt (no tokenizer: no text, no stop ids)."""
+    seq = SeqState(prompt, params, model.cfg.context_length)
+    for _ in speculative_text(model, seq, proposer, k, **kw):
+        pass
+    return seq.generated
 
 
 def greedy(logits: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
@@ -48,9 +59,9 @@ def test_greedy_speculation_equals_plain_greedy(target: torch.nn.Module, propose
 
 
 def test_prompt_lookup_drafts_what_followed_the_last_ngram() -> None:
-    drafts, q = PromptLookup(max_ngram=2).propose([5, 6, 7, 8, 5, 6], 3, SamplingParams(), None)
+    drafts, q = PromptLookup(max_ngram=2).propose([5, 6, 7, 8, 5, 6], 3, Chain(SamplingParams()), None)
     assert drafts == [7, 8, 5] and q is None
-    assert PromptLookup().propose([1, 2, 3], 3, SamplingParams(), None)[0] == []
+    assert PromptLookup().propose([1, 2, 3], 3, Chain(SamplingParams()), None)[0] == []
 
 
 def test_speculative_sampling_keeps_the_target_distribution(target: torch.nn.Module) -> None:
@@ -61,8 +72,9 @@ def test_speculative_sampling_keeps_the_target_distribution(target: torch.nn.Mod
     with torch.no_grad():
         logits = target(ids, torch.arange(len(PROMPT))[None])[0, -1:]  # (1, V)
         draft_logits = random_transformer((None,), std=0.5)(ids, torch.arange(len(PROMPT))[None])[0, -1]
-    p = probs(logits[0], params)
-    q = probs(draft_logits, params)
+    chain = Chain(params)
+    p = chain.probs(logits[0], PROMPT)
+    q = chain.probs(draft_logits, PROMPT)
     target_rows = torch.cat([logits, logits])  # row 1 (after an accepted draft) is not looked at here
     gen = torch.Generator().manual_seed(0)
     n = 20000
@@ -71,10 +83,10 @@ def test_speculative_sampling_keeps_the_target_distribution(target: torch.nn.Mod
         for _ in range(n):
             if mode == "sampled draft":
                 d = int(torch.multinomial(q, 1, generator=gen))
-                kept, nxt = accept(target_rows, [d], q[None], params, torch.tensor(PROMPT), gen)
+                kept, nxt = accept(target_rows, [d], q[None], chain, PROMPT, gen)
             else:
                 d = int(p.argmax())
-                kept, nxt = accept(target_rows, [d], None, params, torch.tensor(PROMPT), gen)
+                kept, nxt = accept(target_rows, [d], None, chain, PROMPT, gen)
             counts[d if kept else nxt] += 1
         tv = 0.5 * float((counts / n - p).abs().sum())
         assert tv < 0.03, (mode, tv)  # ~0.01 expected from noise over 64 tokens; a wrong rule gives >> 0.03
