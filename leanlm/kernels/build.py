@@ -169,3 +169,18 @@ def int4_dense(packed: torch.Tensor, scales_zeros: torch.Tensor, mults: torch.Te
     lib.int4_dense_bf16(packed.data_ptr(), scales_zeros.data_ptr(), None if m32 is None else m32.data_ptr(),
                         out.data_ptr(), n, k_packed, P, g, torch.get_num_threads())
     return out
+
+
+def int4_dense_matches_torch() -> bool:
+    """Does kernels/int4_dense.c read the layout this torch build packs int4 weights in? torch picks the packed
+    layout by the CPU it runs on (its AVX-512 build is the one the C kernel was written for), so a probe
+    matrix is packed and unpacked once: where they disagree, prefill stays on torch's own int4 kernel."""
+    if library() is None:
+        return False
+    gen = torch.Generator().manual_seed(0)
+    n, k = 128, 64
+    q = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.int32)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+    sz = torch.stack([torch.ones(k // 32, n), torch.full((k // 32, n), 8.0)], dim=-1).to(torch.bfloat16)
+    dense = int4_dense(packed, sz.contiguous(), None, 32, n, k)  # (q - 8) * 1 + 8 = q
+    return dense is not None and torch.equal(dense.float(), q.float())

@@ -55,11 +55,14 @@ def cache_kernels_fit(head_dim: int) -> bool:
 @functools.cache
 def _probe() -> frozenset[str]:
     """What this CPU runs, as the libraries built for it register: their operator names, plus "c" (the C
-    library), "c_vnni" (its VNNI head), "amx" (tiles granted to this process) and "decoder" (the C++ step)."""
+    library), "c_dense" (its unpacking of torch's int4 layout agrees with this torch), "c_vnni" (its VNNI head),
+    "amx" (tiles granted to this process) and "decoder" (the C++ step)."""
     found: set[str] = set()
     lib = build.library()
     if lib is not None:
         found.add("c")
+        if build.int4_dense_matches_torch():
+            found.add("c_dense")
         if lib.int8_vnni_available():
             found.add("c_vnni")
     if not build.ops_library():
@@ -86,7 +89,8 @@ class KernelPlan:
     """Which kernels run (module docstring); every field False is PyTorch's own ops everywhere."""
 
     device: str = "cpu"  # the device type the plan is for
-    c_kernels: bool = False  # plain C kernels (kernels/*.c via ctypes): the untiled int8 head, int4 -> dense bf16
+    c_kernels: bool = False  # plain C kernels (kernels/*.c via ctypes): the untiled int8 head
+    c_dense: bool = False  # prefill unpacks torch's int4 layout to dense bf16 (kernels/int4_dense.c)
     vnni_head: bool = False  # the untiled head's C kernel on VNNI (kernels/int8_vnni.c), else its fp32 loops
     int4_vnni: bool = False  # 4-8 bit weights in our VNNI layout (kernels/int4_vnni.cpp), else PyTorch's int4
     int8_head: bool = False  # the head tiled for kernels/int8_head.cpp
@@ -143,7 +147,8 @@ def _resolve(kind: str, switches: tuple[bool, ...]) -> KernelPlan:
     vnni, rows = on["LEANLM_VNNI"], on["LEANLM_NATIVE_ROWS"]
     attention = on["LEANLM_NATIVE_ATTENTION"] and "attend" in found
     flash = on["LEANLM_NATIVE_FLASH"] and "flash_attend" in found
-    return KernelPlan(device=kind, c_kernels="c" in found, vnni_head=vnni and "c_vnni" in found,
+    return KernelPlan(device=kind, c_kernels="c" in found, c_dense="c_dense" in found,
+                      vnni_head=vnni and "c_vnni" in found,
                       int4_vnni=vnni and "int4_mm" in found, int8_head=vnni and "int8_mm" in found,
                       amx=on["LEANLM_AMX"] and "amx" in found, row_ops=rows and "rms_norm" in found,
                       argmax=rows and "rms_norm" in found and "argmax" in found, attention=attention, flash=flash,

@@ -54,7 +54,7 @@ class KVBuffer:
 
     quantized = False  # (kv_int8.Int8KVBuffer: True)
 
-    def __init__(self, batch: int, n_kv: int, size: int, head_dim: int, window: int | None,
+    def __init__(self, batch: int, n_kv: int, size: int, head_dim: int, window: int | None,  # noqa: PLR0913, PLR0917 (a buffer's shape, dtype and home)
                  dtype: torch.dtype, pos: torch.Tensor, device: torch.device | str | None = None,
                  blocked: bool = False, native: bool = False) -> None:
         """native: blocked writes on kernels/cache_ops.cpp (the plan's int8_kv, kernels/plan.py)."""
@@ -115,7 +115,7 @@ class LatentBuffer:
 
     quantized = blocked = False
 
-    def __init__(self, batch: int, size: int, kv_rank: int, rope_dim: int, window: int | None,
+    def __init__(self, batch: int, size: int, kv_rank: int, rope_dim: int, window: int | None,  # noqa: PLR0917
                  dtype: torch.dtype, pos: torch.Tensor, device: torch.device | str | None = None) -> None:
         self.window, self.pos = window, pos
         self.c = torch.zeros(batch, size, kv_rank, dtype=dtype, device=device)
@@ -186,7 +186,7 @@ class ModelCache:
     `layout` names how K/V are kept (`layout_of`).
     """
 
-    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, chunk: int,
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, chunk: int,  # noqa: PLR0913, PLR0917
                  dtype: torch.dtype, device: torch.device | str | None = None, kv: str = "auto",
                  layout_device: torch.device | str | None = None, plan: KernelPlan | None = None) -> None:
         """layout_device: lay the buffers out as on this device while allocating on `device` (the memory

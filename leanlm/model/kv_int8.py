@@ -41,7 +41,7 @@ class Int8KVBuffer:
     quantized = True
     blocked = True
 
-    def __init__(self, batch: int, n_kv: int, size: int, head_dim: int, window: int | None,
+    def __init__(self, batch: int, n_kv: int, size: int, head_dim: int, window: int | None,  # noqa: PLR0913, PLR0917 (a buffer's shape, dtype and home)
                  dtype: torch.dtype, pos: torch.Tensor, device: torch.device | str | None = None,
                  native: bool = False) -> None:
         """native: writes and reads on kernels/cache_ops.cpp (the plan's int8_kv, kernels/plan.py)."""

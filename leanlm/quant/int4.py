@@ -164,7 +164,7 @@ class Int4Linear(nn.Module):
 
     def use_plan(self, plan: KernelPlan) -> None:
         """Routes of this module under `plan` (Transformer.apply_plan); the layout stays as built."""
-        self.c_dense = plan.c_kernels
+        self.c_dense = plan.c_dense
 
     @staticmethod
     def cat(mods: list[Int4Linear]) -> Int4Linear | None:

@@ -53,7 +53,7 @@ def prefill(model: Transformer, cache: ModelCache, ids: torch.Tensor, start: int
 
 
 @torch.inference_mode()
-def generate_ids(model: Transformer, prompt: Sequence[int], sampler: Sampler, max_tokens: int, *,
+def generate_ids(model: Transformer, prompt: Sequence[int], sampler: Sampler, max_tokens: int, *,  # noqa: PLR0913
                  stop_ids: frozenset[int] = frozenset(), context: int | None = None, chunk: int = 512,
                  stats: GenStats | None = None, step: DecodeStep = decode_step) -> Iterator[int]:
     """Yield generated token ids; stops at a stop id (which is yielded), max_tokens or the context end.

@@ -64,7 +64,7 @@ Emit = Callable[[Output], None]
 
 
 class Sequence(SeqState):
-    def __init__(self, prompt: Seq[int], params: SamplingParams, emit: Emit, llm: LLM, max_len: int,
+    def __init__(self, prompt: Seq[int], params: SamplingParams, emit: Emit, llm: LLM, max_len: int, *,
                  logprobs: int | None = None, constraint: Constraint | None = None) -> None:
         super().__init__(prompt, params, max_len, tokenizer=llm.tokenizer, constraint=constraint,
                          logprobs=logprobs)
@@ -120,7 +120,8 @@ class Engine:
                constraint: Constraint | None = None) -> Sequence:
         """Queue a sequence; `emit` gets its Outputs (with the top `logprobs` alternatives if not None);
         a constraint (structured.Constraint, one per sequence) restricts the tokens it may sample."""
-        seq = Sequence(prompt, params, emit, self.llm, self.max_len, logprobs, constraint)  # refuses bad prompts
+        # refuses bad prompts
+        seq = Sequence(prompt, params, emit, self.llm, self.max_len, logprobs=logprobs, constraint=constraint)
         with self._wake:
             self.scheduler.waiting.append(seq)
             self._wake.notify()
