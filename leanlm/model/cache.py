@@ -22,7 +22,7 @@ Rolling buffer index math (slot = position mod S, S = W + slack):
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 
@@ -31,8 +31,20 @@ from leanlm.kernels.plan import KernelPlan
 from leanlm.model.config import ModelConfig
 from leanlm.model.kv_int8 import Int8KVBuffer, native_writes
 
-if TYPE_CHECKING:
-    from leanlm.model.transformer import Transformer
+
+class CacheOwner(Protocol):
+    """What a cache needs to know of its model (transformer.Transformer has it): kept as a protocol so the cache
+    does not depend on the model that uses it."""
+
+    cfg: ModelConfig
+    kv_cache: str
+    plan: KernelPlan
+
+    @property
+    def dtype(self) -> torch.dtype: ...
+
+    @property
+    def device(self) -> torch.device: ...
 
 BLOCK = 16  # slots per block of the blocked key layout
 INT8_KV_NEEDS = ("an int8 K/V cache needs a CPU with AVX-512 VNNI and BF16, bfloat16 compute, head dim 64, 128 or "
@@ -222,12 +234,12 @@ class ModelCache:
         self.kv_len = 0
 
     @classmethod
-    def for_model(cls, model: Transformer, batch: int, max_len: int, chunk: int) -> ModelCache:
+    def for_model(cls, model: CacheOwner, batch: int, max_len: int, chunk: int) -> ModelCache:
         """A cache for `model`: its config, compute dtype, device, K/V cache type (`model.kv_cache`) and plan."""
         return cls(model.cfg, batch, max_len, chunk, model.dtype, model.device, model.kv_cache, plan=model.plan)
 
     @staticmethod
-    def layout_for(model: Transformer) -> str:
+    def layout_for(model: CacheOwner) -> str:
         """The `layout` of the caches `for_model` builds."""
         return layout_of(model.cfg, model.dtype, model.device, model.kv_cache, model.plan)
 

@@ -51,18 +51,6 @@ def dequant(codes: torch.Tensor, fit: Fit, group: int) -> torch.Tensor:
     return codes.float() * expand(fit.scale, group) + expand(fit.offset, group)
 
 
-def get_format(qtype: GGMLQuantizationType) -> BlockFormat:
-    """The quantizer for `qtype` (legacy.py: Q8_0, Q4_0, Q4_1, Q5_0, Q5_1; kquants.py: Q4_K, Q5_K, Q6_K)."""
-    from leanlm.quant.kquants import KQUANT_FORMATS
-    from leanlm.quant.legacy import LEGACY_FORMATS
-
-    formats = {**LEGACY_FORMATS, **KQUANT_FORMATS}
-    if qtype not in formats:
-        names = ", ".join(q.name for q in formats)
-        raise ValueError(f"leanlm cannot write GGML type {qtype.name} (it can write {names})")
-    return formats[qtype]
-
-
 def quantize_rtn(w: torch.Tensor, fmt: BlockFormat) -> np.ndarray:
     """Round-to-nearest: the GGUF bytes of fp32 `w` (N, K) in format `fmt`."""
     fit = fmt.fit(w)

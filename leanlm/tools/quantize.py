@@ -23,7 +23,7 @@ from gguf import GGMLQuantizationType, GGUFValueType, GGUFWriter, LlamaFileType
 
 from leanlm.errors import LeanLMError, UnsupportedError
 from leanlm.model.config import ModelConfig
-from leanlm.quant.blocks import get_format
+from leanlm.quant.writable import get_format
 
 Q = GGMLQuantizationType
 TYPES = {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0, "q4_0": Q.Q4_0, "q4_1": Q.Q4_1,

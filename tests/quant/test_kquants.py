@@ -89,7 +89,7 @@ def test_rows_must_be_whole_super_blocks() -> None:
 
 def test_get_format_returns_them() -> None:
     pytest.importorskip("leanlm.quant.legacy")
-    from leanlm.quant.blocks import get_format
+    from leanlm.quant.writable import get_format
 
     for qtype in TYPES:
         assert get_format(qtype) is KQUANT_FORMATS[qtype]

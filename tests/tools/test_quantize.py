@@ -14,9 +14,10 @@ from leanlm.formats.gguf_file import GGUFFile
 from leanlm.model.config import ModelConfig
 from leanlm.model.transformer import Transformer
 from leanlm.quant.awq import apply_awq, fake_quant
-from leanlm.quant.blocks import dequant, get_format
+from leanlm.quant.blocks import dequant
 from leanlm.quant.calibrate import collect, linears
 from leanlm.quant.gptq import gptq
+from leanlm.quant.writable import get_format
 from leanlm.tools.cli import main
 from leanlm.tools.quantize import quantize, tensor_type
 
