@@ -34,6 +34,7 @@
 
 #include "cache.h"
 #include "ops.h"
+#include "named.h"
 #include "rows.h"
 
 namespace {
@@ -64,27 +65,6 @@ void for_rows(int64_t M, const F &f) {
         for (int64_t r = r0; r < r1; r++) f(r);
     });
 }
-
-// Values given by name (the Decoder's integers and floats): each read once, by name; unknown names are errors.
-template <typename V>
-struct Named {
-    std::map<std::string, V> values;
-    Named(const std::vector<std::string> &names, const std::vector<V> &vals) {
-        TORCH_CHECK(names.size() == vals.size(), "Decoder: ", names.size(), " names for ", vals.size(), " values");
-        for (size_t j = 0; j < names.size(); j++)
-            TORCH_CHECK(values.emplace(names[j], vals[j]).second, "Decoder: '", names[j], "' given twice");
-    }
-    V operator()(const std::string &name) {
-        const auto it = values.find(name);
-        TORCH_CHECK(it != values.end(), "Decoder: no value named '", name, "'");
-        const V v = it->second;
-        values.erase(it);
-        return v;
-    }
-    void check_all_used() const {
-        TORCH_CHECK(values.empty(), "Decoder: unknown value '", values.empty() ? "" : values.begin()->first, "'");
-    }
-};
 
 struct Decoder : torch::CustomClassHolder {
     int64_t D, H, KV, hd, rd, F, act_kind;
