@@ -154,10 +154,10 @@ class Int4Linear(nn.Module):
             self.register_buffer("scales", vnni_scales(_pad16(s.float())))
             self.register_buffer("mins", vnni_scales(_pad16(b.float())))
             return
-        self.planes = 0  # PyTorch's layout
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(parts.q.int().contiguous(), 1)
+        self.planes = 0  # PyTorch's layout: rows padded to its multiple of 16 (experts can be narrower)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(_pad16(parts.q.int()).contiguous(), 1)
         self.register_buffer("packed", packed)
-        sz = torch.stack([parts.scale.float(), parts.zero.float()], dim=-1).transpose(0, 1)  # (K'/32, N, 2)
+        sz = torch.stack([_pad16(parts.scale.float()), _pad16(parts.zero.float())], dim=-1).transpose(0, 1)
         self.register_buffer("scales_zeros", sz.contiguous().to(torch.bfloat16))
         mults = None if parts.mults == (1.0,) else torch.tensor(parts.mults, dtype=torch.bfloat16).view(1, 1, -1, 1)
         self.register_buffer("mults", mults, persistent=False)
@@ -212,7 +212,9 @@ class Int4Linear(nn.Module):
             return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
         if self.mults is not None:  # (M, K/g, 1, g) * (P,) -> (M, K * P); the multipliers are powers of 2 or 0
             xb = (xb.view(xb.shape[0], -1, 1, self.g) * self.mults).view(xb.shape[0], -1)
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, self.packed, GROUP, self.scales_zeros)  # (M, N)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, self.packed, GROUP, self.scales_zeros)  # (M, N16)
+        if y.shape[1] != self.out_features:
+            y = y[:, :self.out_features]
         if self.bias is not None:
             y = y + self.bias
         return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
@@ -239,7 +241,8 @@ class Int4Linear(nn.Module):
                                                       self.in_features * self.planes)[:self.out_features]
         if not self.c_dense:
             return None
-        return int4_dense(self.packed, self.scales_zeros, self.mults, self.g, self.out_features, self.packed_k)
+        w = int4_dense(self.packed, self.scales_zeros, self.mults, self.g, self.scales_zeros.shape[1], self.packed_k)
+        return None if w is None else w[:self.out_features]
 
     @property
     def packed_k(self) -> int:

@@ -56,7 +56,7 @@ def test_json_object_streamed_and_batched(client: openai.OpenAI) -> None:
     """n = 3 sampled answers decode as three constrained rows of one batch; each parses as an object."""
     msgs = [{"role": "user", "content": "Give a JSON object with your favourite colour."}]
     stream = client.chat.completions.create(model="smol", messages=msgs, response_format={"type": "json_object"},
-                                            n=3, seed=7, temperature=1.0, max_tokens=120, stream=True)
+                                            n=3, seed=7, temperature=0.6, max_tokens=200, stream=True)
     texts, reasons = ["", "", ""], [None, None, None]
     for chunk in stream:
         for c in chunk.choices:
