@@ -8,7 +8,7 @@ Three parts, each from the objects that will hold it:
 - **activations:** an upper bound on one forward's transient tensors: the residual stream, its normalised
   copy, q/k/v, the attention output, gate, up and their product for each row of a prefill chunk (or of a
   decode step's B rows), attention scores for those rows over the whole context in fp32 (the SDPA fallback
-  materialises them; our own kernels do not), and the fp32 logits of the rows that need them.
+  materialises them, twice: products and softmax; our own kernels do not), and the fp32 logits of the rows that need them.
 The Python interpreter and torch itself come on top (`leanlm bench` reports them as the RSS after imports,
 about 230 MiB on Linux).
 """
@@ -75,7 +75,8 @@ def activation_bytes(model: Transformer, rows: int, ctx: int, logit_rows: int) -
     q_dims = cfg.n_heads * (cfg.mla.nope_dim + cfg.mla.rope_dim if cfg.mla else cfg.head_dim)
     kv_dims = 2 * cfg.n_kv_heads * cfg.head_dim if cfg.mla is None else cfg.mla.kv_rank + cfg.mla.rope_dim
     per_row = 2 * cfg.dim + q_dims + kv_dims + cfg.n_heads * cfg.head_dim + 3 * cfg.hidden_dim
-    scores = rows * cfg.n_heads * ctx * 4
+    # SDPA's math path (where our prompt kernel does not run) keeps the products and their softmax at once
+    scores = rows * cfg.n_heads * ctx * 4 * (1 if model.plan.flash else 2)
     return rows * per_row * item + scores + logit_rows * cfg.vocab_size * 4
 
 

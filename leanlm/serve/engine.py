@@ -24,13 +24,11 @@ from __future__ import annotations
 
 import sys
 import threading
-import time
 import traceback
 from collections import deque
 from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from concurrent.futures import Future
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -39,55 +37,11 @@ from leanlm.errors import LeanLMError
 from leanlm.llm import LLM, Speculation
 from leanlm.model.cache import ModelCache
 from leanlm.runtime.sampling import SamplingParams
-from leanlm.runtime.sequence import SeqState
-from leanlm.runtime.speculative import Proposer
 from leanlm.runtime.structured import Constraint
 from leanlm.serve.runner import Runner
 from leanlm.serve.scheduler import Scheduler
+from leanlm.serve.sequence import Emit, Output, Sequence
 from leanlm.serve.speculation import RowSpeculation
-
-
-@dataclass
-class Output:
-    """One event of a sequence: a piece of text (with its token), or the end (finish_reason set)."""
-
-    text: str = ""
-    token: int | None = None
-    finish_reason: str | None = None  # "stop", "length" or "abort"
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    logprob: float | None = None  # of `token` under the model (when the request asked for logprobs)
-    top_logprobs: list[tuple[int, float]] | None = None  # the `logprobs` most likely tokens and theirs
-
-
-Emit = Callable[[Output], None]
-
-
-class Sequence(SeqState):
-    def __init__(self, prompt: Seq[int], params: SamplingParams, emit: Emit, llm: LLM, max_len: int, *,
-                 logprobs: int | None = None, constraint: Constraint | None = None) -> None:
-        super().__init__(prompt, params, max_len, tokenizer=llm.tokenizer, constraint=constraint,
-                         logprobs=logprobs)
-        self.emit = emit
-        self.row = -1
-        self.prefilled = 0  # prompt tokens already in the cache
-        self.next_token: int | None = None  # sampled, not yet fed back
-        self.proposer: Proposer | None = None  # speculative decoding's drafts for this sequence, if any
-        self.cancelled = self.finished = False
-        self.arrived = time.perf_counter()
-
-    @property
-    def decoding(self) -> bool:
-        return self.next_token is not None
-
-    @property
-    def position(self) -> int:
-        """Position of the token fed next (next_token while decoding, else the next prompt token)."""
-        return len(self.prompt) + len(self.generated) - 1 if self.decoding else self.prefilled
-
-    def cancel(self) -> None:
-        """Stop this sequence at the next engine iteration (a client went away)."""
-        self.cancelled = True
 
 
 class Engine:

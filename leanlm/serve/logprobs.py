@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from leanlm.llm import LLM
-from leanlm.serve.engine import Output
+from leanlm.serve.sequence import Output
 
 TokenLogprob = tuple[int, float | None, list[tuple[int, float]] | None]  # token, its logprob, top alternatives
 

@@ -19,9 +19,9 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from leanlm.errors import LeanLMError
 from leanlm.runtime.structured import Constraint, Grammar
-from leanlm.serve.engine import Output, Sequence
 from leanlm.serve.logprobs import TokenLogprob
 from leanlm.serve.protocol import APIError, SamplingFields, new_id, now, usage
+from leanlm.serve.sequence import Output, Sequence
 from leanlm.serve.state import ServerState, server_state
 
 Echo = list[tuple[str, dict[str, Any] | None]]  # per choice: the prompt's text and its legacy logprobs

@@ -21,7 +21,7 @@ import torch
 from leanlm.serve.speculation import RowSpeculation
 
 if TYPE_CHECKING:
-    from leanlm.serve.engine import Sequence
+    from leanlm.serve.sequence import Sequence
 
 Drafts = tuple[list[int], torch.Tensor | None]  # draft tokens and their proposal distributions (or None)
 
