@@ -8,7 +8,8 @@ Three parts, each from the objects that will hold it:
 - **activations:** an upper bound on one forward's transient tensors: the residual stream, its normalised
   copy, q/k/v, the attention output, gate, up and their product for each row of a prefill chunk (or of a
   decode step's B rows), attention scores for those rows over the whole context in fp32 (the SDPA fallback
-  materialises them, twice: products and softmax; our own kernels do not), and the fp32 logits of the rows that need them.
+  materialises them, twice: products and softmax; our own kernels do not), and the fp32 logits of the rows
+  that need them.
 The Python interpreter and torch itself come on top (`leanlm bench` reports them as the RSS after imports,
 about 230 MiB on Linux).
 """
